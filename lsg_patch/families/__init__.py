@@ -1,0 +1,1 @@
+"""One module per model family: its LSG self-attention module and the hooks that feed it."""

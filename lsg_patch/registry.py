@@ -1,0 +1,158 @@
+"""The architecture registry: for each model_type, where LSG plugs in, as data.
+
+An entry names module paths relative to the base model (`model.base_model`), how the position table
+is stored, how the global tokens are seeded, and the family adapter that carries the forward-time
+behaviour. Users add architectures with `register()`; nothing here touches tensors.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import nn
+
+from .families.base import FamilyAdapter
+
+
+@dataclass(frozen=True)
+class ArchitectureEntry:
+    """How one model_type is patched. Paths are relative to the base model; "*" matches any child name.
+
+    adapter: a FamilyAdapter subclass, or its import path "package.module:ClassName".
+    word_embeddings / token_type_embeddings: the tables that seed the global tokens (token types only for
+    families whose global init adds token_type[0], as the reference does for BERT, ELECTRA and ALBERT).
+    global_embeddings_parent: the module that receives `global_embeddings` (a 512-row nn.Embedding).
+    position_offset: leading rows of the position table that are not positions (2 for RoBERTa and BART).
+    tied_position_tables: other tables that share max_position_embeddings and grow with the main one.
+    """
+
+    adapter: type[FamilyAdapter] | str
+    self_attention: str
+    position_embeddings: str
+    word_embeddings: str
+    embeddings: str = "embeddings"
+    encoder: str = "encoder"
+    global_embeddings_parent: str = "embeddings"
+    token_type_embeddings: str | None = None
+    position_offset: int = 0
+    sinusoidal_positions: bool = False
+    tied_position_tables: tuple[str, ...] = ()
+    encoder_decoder: bool = False
+    description: str = ""
+    heads: tuple[str, ...] = field(default=())
+
+    def adapter_instance(self, model_type: str) -> FamilyAdapter:
+        adapter = _resolve_adapter(model_type, self.adapter)
+        return adapter()
+
+    def module_paths(self) -> dict[str, str]:
+        """Every module path the entry names, by field name (for validation and error messages)."""
+        paths = {
+            "embeddings": self.embeddings,
+            "encoder": self.encoder,
+            "self_attention": self.self_attention,
+            "position_embeddings": self.position_embeddings,
+            "word_embeddings": self.word_embeddings,
+            "global_embeddings_parent": self.global_embeddings_parent,
+        }
+        if self.token_type_embeddings:
+            paths["token_type_embeddings"] = self.token_type_embeddings
+        for index, path in enumerate(self.tied_position_tables):
+            paths[f"tied_position_tables[{index}]"] = path
+        return paths
+
+
+_BERT_HEADS = (
+    "Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+    "ForMultipleChoice", "ForPreTraining", "ForCausalLM",
+)  # fmt: skip
+
+
+def _bert_like(offset: int, token_types: bool, description: str) -> ArchitectureEntry:
+    return ArchitectureEntry(
+        adapter="lsg_patch.families.bert:BertFamily",
+        self_attention="encoder.layer.*.attention.self",
+        position_embeddings="embeddings.position_embeddings",
+        word_embeddings="embeddings.word_embeddings",
+        token_type_embeddings="embeddings.token_type_embeddings" if token_types else None,
+        position_offset=offset,
+        description=description,
+        heads=_BERT_HEADS,
+    )
+
+
+_REGISTRY: dict[str, ArchitectureEntry] = {
+    "bert": _bert_like(0, True, "encoder self-attention; learned positions tiled"),
+    "roberta": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows"),
+    "camembert": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows"),
+    "xlm-roberta": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows"),
+    "electra": _bert_like(0, True, "encoder self-attention; learned positions tiled; globals at embedding_size"),
+}
+
+
+def register(model_type: str, entry: ArchitectureEntry, *, replace_existing: bool = False) -> None:
+    """Add (or, with replace_existing=True, replace) the entry of `model_type`.
+
+    The adapter path is imported now, so a wrong path fails here with the entry and path named;
+    module paths are checked against the model at `to_lsg` time.
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"model_type={model_type!r} is not accepted: give the config's model_type string")
+    if not isinstance(entry, ArchitectureEntry):
+        raise TypeError(f"register({model_type!r}, ...) needs an ArchitectureEntry, got {type(entry).__name__}")
+    if model_type in _REGISTRY and not replace_existing:
+        raise ValueError(f"{model_type!r} is already registered; pass replace_existing=True to replace its entry")
+    _resolve_adapter(model_type, entry.adapter)
+    _REGISTRY[model_type] = entry
+
+
+def unregister(model_type: str) -> None:
+    """Remove a registered entry (built-in ones included)."""
+    if model_type not in _REGISTRY:
+        raise KeyError(f"{model_type!r} is not registered; registered: {', '.join(sorted(_REGISTRY))}")
+    del _REGISTRY[model_type]
+
+
+def supported_architectures() -> dict[str, ArchitectureEntry]:
+    """A copy of the registry: model_type -> entry."""
+    return dict(_REGISTRY)
+
+
+def entry_for(model: Any) -> tuple[str, ArchitectureEntry]:
+    """The model's model_type and registry entry, or a ValueError listing what is supported."""
+    supported = ", ".join(sorted(_REGISTRY))
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if not isinstance(model, nn.Module) or not model_type:
+        raise ValueError(
+            f"lsg_patch cannot convert a {type(model).__name__}: it is not a transformers model with a "
+            f"config.model_type; supported model types: {supported}"
+        )
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"model_type {model_type!r} ({type(model).__name__}) is not supported by lsg_patch; supported model "
+            f"types: {supported}. Add it with lsg_patch.register({model_type!r}, ArchitectureEntry(...))"
+        )
+    return model_type, _REGISTRY[model_type]
+
+
+def with_changes(entry: ArchitectureEntry, **changes: Any) -> ArchitectureEntry:
+    """A copy of an entry with some fields changed (to register a close relative of a built-in)."""
+    return replace(entry, **changes)
+
+
+def _resolve_adapter(model_type: str, adapter: type[FamilyAdapter] | str) -> type[FamilyAdapter]:
+    if isinstance(adapter, str):
+        module_name, _, attribute = adapter.partition(":")
+        try:
+            resolved = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ValueError(
+                f"registry entry {model_type!r}: adapter path {adapter!r} cannot be imported ({error}); "
+                "give 'package.module:ClassName' of a FamilyAdapter subclass"
+            ) from None
+        adapter = resolved
+    if not (isinstance(adapter, type) and issubclass(adapter, FamilyAdapter)):
+        raise ValueError(f"registry entry {model_type!r}: adapter {adapter!r} is not a FamilyAdapter subclass")
+    return adapter

@@ -1,0 +1,267 @@
+"""to_lsg / from_lsg: validate everything, build every new tensor and module, then apply.
+
+Nothing on the model changes until the plan is complete, so a bad argument or an unexpected model
+layout raises with the model exactly as it was. Applying the plan is only attribute assignments.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LSGConfig, option_names
+from .families.base import FamilyAdapter, LSGSelfAttention
+from .global_tokens import GLOBAL_TABLE_ROWS, GlobalInit, check_positional_stride, initial_global_table
+from .hooks import has_lsg_hooks, remove_lsg_hooks
+from .positions import replace_embedding_weight, resize_index_buffers, sinusoidal_table, tiled_table
+from .registry import ArchitectureEntry, entry_for
+from .registry_paths import find_modules, get_submodule
+from .token_ids import check_token_ids, resolve_seed_tokens
+
+logger = logging.getLogger("lsg_patch")
+
+GLOBAL_EMBEDDINGS = "global_embeddings"
+
+
+@dataclass
+class PatchRecord:
+    """What `from_lsg` needs to undo a conversion; kept on the base model as `_lsg_patch`."""
+
+    model_type: str
+    lsg: LSGConfig
+    max_length: int
+    original_position_rows: int | None  # None: the model was already LSG when loaded, nothing to shrink back to
+    original_max_position_embeddings: int | None
+
+
+@dataclass
+class _Plan:
+    base: nn.Module
+    entry: ArchitectureEntry
+    adapter: FamilyAdapter
+    lsg: LSGConfig
+    max_length: int
+    position_weights: dict[str, torch.Tensor]
+    global_table: nn.Embedding | None
+    attention_swaps: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    record: PatchRecord | None = None
+
+
+def to_lsg(
+    model: nn.Module,
+    max_length: int = 4096,
+    *,
+    tokenizer: Any = None,
+    bos_token_id: int | None = None,
+    mask_token_id: int | None = None,
+    global_positional_stride: int = 64,
+    random_global_init: bool = False,
+    seed: int = 0,
+    **lsg_options: Any,
+) -> nn.Module:
+    """Turn a loaded transformers model into its LSG variant, in place, and return it.
+
+    max_length: the number of tokens the model accepts afterwards (at least its current size).
+    lsg_options: the LSG parameters of `LSGConfig` (block_size, sparsity_type, ...).
+    tokenizer / bos_token_id / mask_token_id: the token ids that seed the global tokens (see README).
+    On a model that is already LSG, the call re-configures it: given options replace the current ones,
+    the position table grows if max_length does, and the trained global tokens are kept.
+    """
+    plan = _plan(
+        model, max_length, tokenizer, bos_token_id, mask_token_id, global_positional_stride, random_global_init, seed,
+        lsg_options,
+    )  # fmt: skip
+    _apply(plan, model.config)
+    return model
+
+
+def from_lsg(model: nn.Module) -> nn.Module:
+    """Give back the original attention modules, drop the global tokens and LSG settings, and shrink the
+    position table to its original size (when lsg_patch made the conversion in this process)."""
+    model_type, entry = entry_for(model)
+    base = _base_model(model)
+    if not is_lsg_model(model):
+        raise ValueError(f"this {type(model).__name__} is not an LSG model: there is nothing for from_lsg to undo")
+    record: PatchRecord | None = getattr(base, "_lsg_patch", None)
+    remove_lsg_hooks(base)
+    for parent, name, module in find_modules(base, entry.self_attention):
+        if isinstance(module, LSGSelfAttention):
+            setattr(parent, name, module.restore())
+    parent = get_submodule(base, entry.global_embeddings_parent)
+    if hasattr(parent, GLOBAL_EMBEDDINGS):
+        delattr(parent, GLOBAL_EMBEDDINGS)
+    config = model.config
+    if record is not None and record.original_position_rows is not None:
+        for path in _position_table_paths(entry):
+            table = get_submodule(base, path)
+            replace_embedding_weight(table, table.weight.detach()[: record.original_position_rows].clone())
+            resize_index_buffers(get_submodule(base, _parent_path(path)), record.original_position_rows)
+        config.max_position_embeddings = record.original_max_position_embeddings
+    for key in option_names():
+        if key in config.__dict__:
+            delattr(config, key)
+    if hasattr(base, "_lsg_patch"):
+        del base._lsg_patch
+    return model
+
+
+def is_lsg_model(model: nn.Module) -> bool:
+    """True if lsg_patch's LSG attention is active on this model."""
+    return has_lsg_hooks(_base_model(model))
+
+
+def _plan(
+    model: nn.Module,
+    max_length: int,
+    tokenizer: Any,
+    bos_token_id: int | None,
+    mask_token_id: int | None,
+    stride: int,
+    random_global_init: bool,
+    seed: int,
+    lsg_options: dict[str, Any],
+) -> _Plan:
+    model_type, entry = entry_for(model)
+    base = _base_model(model)
+    adapter = entry.adapter_instance(model_type)
+    _check_paths(model_type, entry, base)
+    already = is_lsg_model(model)
+    current = _current_settings(base, model.config) if already else None
+    lsg = LSGConfig.from_kwargs(current, **lsg_options)
+    if not isinstance(random_global_init, bool):
+        raise ValueError(f"random_global_init={random_global_init!r} is not accepted: it must be True or False")
+
+    table = get_submodule(base, entry.position_embeddings)
+    offset = entry.position_offset
+    current_length = table.weight.shape[0] - offset
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ValueError(f"max_length={max_length!r} is not accepted: it must be an integer")
+    if max_length < current_length:
+        raise ValueError(
+            f"max_length={max_length} is below the {current_length} positions {type(model).__name__} already has; "
+            f"give max_length >= {current_length}"
+        )
+    rows = max_length + offset
+    position_weights = {}
+    for path in _position_table_paths(entry):
+        weight = get_submodule(base, path).weight.detach()
+        if entry.sinusoidal_positions:
+            position_weights[path] = sinusoidal_table(rows, weight.shape[1], weight.dtype).to(weight.device)
+        else:
+            position_weights[path] = tiled_table(weight, rows, offset)
+
+    global_table = None
+    if not already:
+        global_table = _initial_global_embeddings(
+            model, base, entry, table.weight[offset:], tokenizer, bos_token_id, mask_token_id, stride,
+            random_global_init, seed,
+        )  # fmt: skip
+
+    swaps = []
+    replaced: dict[int, nn.Module] = {}
+    for parent, name, module in find_modules(base, entry.self_attention):
+        if id(module) not in replaced:  # layers that share one module (ALBERT) share one LSG module
+            original = module.restore() if isinstance(module, LSGSelfAttention) and already else module
+            replaced[id(module)] = adapter.attention_class(original, lsg.layout)
+        swaps.append((parent, name, replaced[id(module)]))
+
+    previous: PatchRecord | None = getattr(base, "_lsg_patch", None)
+    record = PatchRecord(
+        model_type=model_type,
+        lsg=lsg,
+        max_length=max_length,
+        original_position_rows=previous.original_position_rows if previous else table.weight.shape[0],
+        original_max_position_embeddings=(
+            previous.original_max_position_embeddings if previous else model.config.max_position_embeddings
+        ),
+    )
+    return _Plan(base, entry, adapter, lsg, max_length, position_weights, global_table, swaps, record)
+
+
+def _apply(plan: _Plan, config: Any) -> None:
+    base, entry = plan.base, plan.entry
+    remove_lsg_hooks(base)
+    for path, weight in plan.position_weights.items():
+        replace_embedding_weight(get_submodule(base, path), weight)
+        resize_index_buffers(get_submodule(base, _parent_path(path)), weight.shape[0])
+    if plan.global_table is not None:
+        setattr(get_submodule(base, entry.global_embeddings_parent), GLOBAL_EMBEDDINGS, plan.global_table)
+    for parent, name, module in plan.attention_swaps:
+        setattr(parent, name, module)
+    plan.adapter.install_hooks(base, entry, plan.lsg, plan.max_length)
+    for key, value in plan.lsg.config_entries(entry.encoder_decoder).items():
+        setattr(config, key, value)
+    config.max_position_embeddings = plan.max_length + entry.position_offset
+    base._lsg_patch = plan.record
+    logger.info(
+        "converted %s to LSG: max_length %d, %d attention modules, %s",
+        type(base).__name__, plan.max_length, len({id(m) for _, _, m in plan.attention_swaps}), plan.lsg,
+    )  # fmt: skip
+
+
+def _initial_global_embeddings(
+    model: nn.Module,
+    base: nn.Module,
+    entry: ArchitectureEntry,
+    positions: torch.Tensor,
+    tokenizer: Any,
+    bos_token_id: int | None,
+    mask_token_id: int | None,
+    stride: int,
+    random_global_init: bool,
+    seed: int,
+) -> nn.Embedding:
+    check_positional_stride(stride, positions.shape[0])
+    words = get_submodule(base, entry.word_embeddings).weight
+    seeds = resolve_seed_tokens(model, tokenizer, bos_token_id, mask_token_id)
+    check_token_ids(seeds, words.shape[0])
+    token_type = get_submodule(base, entry.token_type_embeddings).weight[0] if entry.token_type_embeddings else None
+    init = GlobalInit(seeds.bos_token_id, seeds.mask_token_id, stride, random_global_init, seed)
+    weight = initial_global_table(positions, words, token_type, init)
+    logger.info("global tokens seeded from %s (bos id %s, mask id %s)", seeds.source, init.bos_token_id, init.mask_token_id)
+    embedding = nn.Embedding(GLOBAL_TABLE_ROWS, words.shape[1], device=words.device, dtype=words.dtype)
+    with torch.no_grad():
+        embedding.weight.copy_(weight)
+    embedding.weight.requires_grad_(words.requires_grad)
+    return embedding
+
+
+def _check_paths(model_type: str, entry: ArchitectureEntry, base: nn.Module) -> None:
+    for field_name, path in entry.module_paths().items():
+        if field_name == "self_attention":
+            if not find_modules(base, path):
+                raise ValueError(
+                    f"registry entry {model_type!r}: self_attention path {path!r} matches no module in "
+                    f"{type(base).__name__}"
+                )
+            continue
+        try:
+            get_submodule(base, path)
+        except AttributeError:
+            raise ValueError(
+                f"registry entry {model_type!r}: {field_name} path {path!r} names no module in {type(base).__name__}"
+            ) from None
+    for path in _position_table_paths(entry):
+        if not isinstance(getattr(get_submodule(base, path), "weight", None), torch.Tensor):
+            raise ValueError(f"registry entry {model_type!r}: {path!r} is not a position table with a weight")
+
+
+def _current_settings(base: nn.Module, config: Any) -> LSGConfig:
+    record: PatchRecord | None = getattr(base, "_lsg_patch", None)
+    return record.lsg if record is not None else LSGConfig.from_model_config(config)
+
+
+def _position_table_paths(entry: ArchitectureEntry) -> tuple[str, ...]:
+    return (entry.position_embeddings, *entry.tied_position_tables)
+
+
+def _parent_path(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "base_model", model)
+

@@ -1,0 +1,67 @@
+"""Which token ids seed the global tokens, and where they came from (logged, so users can tell)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("lsg_patch")
+
+
+@dataclass(frozen=True)
+class SeedTokens:
+    """The BOS/CLS id added to global row 0 and the mask id added to the others; None = not added."""
+
+    bos_token_id: int | None
+    mask_token_id: int | None
+    source: str
+
+
+def resolve_seed_tokens(
+    model: Any, tokenizer: Any = None, bos_token_id: int | None = None, mask_token_id: int | None = None
+) -> SeedTokens:
+    """Explicit ids, else the given tokenizer, else the config's ids, else the tokenizer saved with the
+    model (offline only), else a position-only initialisation with whatever ids were found."""
+    if bos_token_id is not None or mask_token_id is not None:
+        return SeedTokens(bos_token_id, mask_token_id, "the bos_token_id/mask_token_id arguments")
+    if tokenizer is not None:
+        return SeedTokens(*_tokenizer_ids(tokenizer), "the tokenizer argument")
+    config = model.config
+    config_bos = getattr(config, "bos_token_id", None)
+    config_mask = getattr(config, "mask_token_id", None)
+    if config_bos is not None and config_mask is not None:
+        return SeedTokens(config_bos, config_mask, "the model config")
+    saved = _saved_tokenizer(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", ""))
+    if saved is not None:
+        return SeedTokens(*_tokenizer_ids(saved), f"the tokenizer saved with the model ({config._name_or_path})")
+    return SeedTokens(
+        config_bos,
+        config_mask,
+        "no tokenizer (position-only initialisation"
+        + (", plus the config's bos_token_id)" if config_bos is not None else ")"),
+    )
+
+
+def check_token_ids(seed: SeedTokens, vocab_size: int) -> None:
+    for name, value in (("bos_token_id", seed.bos_token_id), ("mask_token_id", seed.mask_token_id)):
+        if value is not None and not (isinstance(value, int) and 0 <= value < vocab_size):
+            raise ValueError(f"{name}={value!r} (from {seed.source}) is not a token id of this model (0..{vocab_size - 1})")
+
+
+def _tokenizer_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(tokenizer, "cls_token_id", None)
+    return bos, getattr(tokenizer, "mask_token_id", None)
+
+
+def _saved_tokenizer(path: str) -> Any:
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as error:  # any failure means "no usable tokenizer here"; the fallback is logged
+        logger.debug("no tokenizer could be loaded offline from %s: %s", path, error)
+        return None
