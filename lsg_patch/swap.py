@@ -184,6 +184,8 @@ def _plan(
 def _apply(plan: _Plan, config: Any) -> None:
     base, entry = plan.base, plan.entry
     remove_lsg_hooks(base)
+    # RoBERTa-likes count their offset rows in max_position_embeddings, BART-likes do not (their table has 2 more)
+    config_extra_rows = config.max_position_embeddings - get_submodule(base, entry.position_embeddings).weight.shape[0]
     for path, weight in plan.position_weights.items():
         replace_embedding_weight(get_submodule(base, path), weight)
         resize_index_buffers(get_submodule(base, _parent_path(path)), weight.shape[0])
@@ -194,7 +196,7 @@ def _apply(plan: _Plan, config: Any) -> None:
     plan.adapter.install_hooks(base, entry, plan.lsg, plan.max_length)
     for key, value in plan.lsg.config_entries(entry.encoder_decoder).items():
         setattr(config, key, value)
-    config.max_position_embeddings = plan.max_length + entry.position_offset
+    config.max_position_embeddings = plan.max_length + entry.position_offset + config_extra_rows
     base._lsg_patch = plan.record
     logger.info(
         "converted %s to LSG: max_length %d, %d attention modules, %s",
@@ -226,7 +228,7 @@ def _initial_global_embeddings(
     with torch.no_grad():
         embedding.weight.copy_(weight)
     embedding.weight.requires_grad_(words.requires_grad)
-    return embedding
+    return embedding.train(base.training)
 
 
 def _check_paths(model_type: str, entry: ArchitectureEntry, base: nn.Module) -> None:

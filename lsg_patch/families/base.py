@@ -44,6 +44,7 @@ class LSGSelfAttention(nn.Module, ABC):
             setattr(self, name, getattr(original, name))
         self.__dict__["_original"] = original
         self.layout = layout
+        self.train(original.training)  # a patched model in eval mode stays in eval mode
 
     def restore(self) -> nn.Module:
         """The original module, holding this module's (possibly trained) projection layers."""

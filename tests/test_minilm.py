@@ -1,0 +1,76 @@
+"""A real pretrained model: all-MiniLM-L6-v2 (BERT, 512 positions) converted to 4096 tokens."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+import lsg_patch
+from lsg_patch.demo import PARAGRAPH, mean_pool, minilm_path
+
+SENTENCES = [
+    "A cat sits on the mat.",
+    "Long documents need efficient attention mechanisms to be processed by transformers.",
+    "The quarterly report shows revenue growth in every region except the north, " * 6,
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+@pytest.fixture(scope="module")
+def original():
+    return AutoModel.from_pretrained(minilm_path()).eval()
+
+
+def converted(original, tokenizer, **options):
+    return lsg_patch.to_lsg(copy.deepcopy(original), max_length=4096, tokenizer=tokenizer, **options)
+
+
+def embed(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return mean_pool(model(**batch).last_hidden_state, batch["attention_mask"])
+
+
+def test_long_document_runs(original, tokenizer):
+    model = converted(original, tokenizer)
+    batch = tokenizer(PARAGRAPH * 60, return_tensors="pt", truncation=True, max_length=4096)
+    assert batch["input_ids"].shape[1] > 3000
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    assert hidden.shape == (1, batch["input_ids"].shape[1], 384)
+    assert torch.isfinite(hidden).all()
+
+
+def test_short_inputs_keep_their_sentence_embeddings(original, tokenizer):
+    """On inputs of at most 2*block_size tokens LSG is full attention plus one global token, so the
+    mean-pooled embedding moves only a little. Measured cosine: see the README (>= 0.97 for each sentence);
+    0.95 leaves room for float noise while still failing on any real mistake (random directions give ~0)."""
+    model = converted(original, tokenizer)
+    batch = tokenizer(SENTENCES, return_tensors="pt", padding=True)
+    cosine = torch.nn.functional.cosine_similarity(embed(model, batch), embed(original, batch), dim=-1)
+    print("MiniLM short-input cosine per sentence:", [round(c, 4) for c in cosine.tolist()])
+    assert (cosine > 0.95).all(), cosine
+
+
+def test_mask_first_token_reproduces_the_original_exactly(original, tokenizer):
+    """With mask_first_token the first global token (initialised as [CLS] at position 0) replaces the
+    masked [CLS] key, so on short inputs every hidden state equals the original model's.
+
+    Each sentence alone: every row. In a padded batch: every real token's row; the rows of padding
+    positions are float noise even for the original model (its own eager and sdpa outputs differ by
+    6e-5 there), so they are not compared."""
+    model = converted(original, tokenizer, mask_first_token=True)
+    for sentence in SENTENCES:
+        batch = tokenizer(sentence, return_tensors="pt")
+        with torch.no_grad():
+            difference = model(**batch).last_hidden_state - original(**batch).last_hidden_state
+        assert difference.abs().max().item() <= 1e-5, sentence
+    batch = tokenizer(SENTENCES, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        difference = model(**batch).last_hidden_state - original(**batch).last_hidden_state
+    assert difference[batch["attention_mask"].bool()].abs().max().item() <= 1e-5

@@ -1,0 +1,235 @@
+"""to_lsg / from_lsg on the BERT family: structure, configuration, errors, atomicity, padding invariance."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
+    AutoModelForPreTraining,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    GPT2Config,
+    GPT2Model,
+)
+
+import lsg_patch
+from lsg_patch.config import option_names
+from tiny_models import BERT_FAMILY, tiny_config, tiny_model
+
+HEADS = (AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+         AutoModelForQuestionAnswering, AutoModelForMultipleChoice, AutoModelForPreTraining)  # fmt: skip
+SMALL = dict(block_size=4, sparse_block_size=4, sparsity_factor=2)
+
+
+def snapshot(model: nn.Module) -> tuple:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [(name, type(m)) for name, m in model.named_modules()]
+    return state, types, model.config.to_dict()
+
+
+def assert_unchanged(model: nn.Module, before: tuple) -> None:
+    state, types, config = snapshot(model)
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(state[k], before[0][k]) for k in state)
+    assert types == before[1]
+    assert config == before[2]
+
+
+@pytest.mark.parametrize("model_type", BERT_FAMILY)
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_converts_and_runs_long_inputs(model_type, head):
+    if head is AutoModelForPreTraining and model_type in ("camembert", "xlm-roberta"):
+        pytest.skip(f"transformers has no {model_type} ForPreTraining class")
+    model = tiny_model(model_type, head)
+    keys = set(model.state_dict())
+    assert lsg_patch.to_lsg(model, max_length=256, **SMALL) is model
+    prefix = model.base_model_prefix + "." if model is not model.base_model else ""
+    assert set(model.state_dict()) == keys | {f"{prefix}embeddings.global_embeddings.weight"}
+    assert model.config.max_position_embeddings == 256 + (2 if model_type != "bert" and model_type != "electra" else 0)
+    ids = torch.randint(5, 90, (2, 150))
+    mask = torch.ones_like(ids)
+    mask[1, 120:] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    if head is AutoModelForMultipleChoice:
+        inputs = {k: v.unsqueeze(1).expand(-1, 2, -1).contiguous() for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model(**inputs)
+    first = out[0] if not hasattr(out, "logits") else out.logits
+    assert torch.isfinite(first).all()
+
+
+@pytest.mark.parametrize("model_type", BERT_FAMILY)
+def test_causal_lm_head_runs_as_decoder(model_type):
+    model = tiny_model(model_type, AutoModelForCausalLM, is_decoder=True)
+    lsg_patch.to_lsg(model, max_length=128, **SMALL)
+    ids = torch.randint(5, 90, (1, 40))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        prefix = model(input_ids=ids[:, :20], use_cache=False).logits
+    # causal: the first 20 positions cannot see what follows them
+    assert torch.allclose(full[:, :19], prefix[:, :19], atol=1e-5)
+
+
+def test_config_records_reference_keys_and_positions_are_tiled():
+    model = tiny_model("roberta")
+    table = model.embeddings.position_embeddings.weight.detach().clone()
+    lsg_patch.to_lsg(model, max_length=200, sparsity_type="bos_pooling", **{k: v for k, v in SMALL.items()})
+    config = model.config
+    assert config.sparsity_type == "bos_pooling" and config.block_size == 4 and config.num_global_tokens == 1
+    assert {"adaptive", "block_size", "lsh_num_pre_rounds", "mask_first_token", "num_global_tokens",
+            "pool_with_global", "sparse_block_size", "sparsity_factor", "sparsity_type"} <= set(config.to_dict())  # fmt: skip
+    new = model.embeddings.position_embeddings.weight.detach()
+    assert new.shape[0] == 202 and torch.equal(new[:66], table)
+    assert torch.equal(new[66:130], table[2:])  # tiled after the two offset rows
+    assert model.embeddings.position_ids.shape[-1] == 202
+    assert model.embeddings.position_embeddings.padding_idx == 1
+
+
+def test_max_length_equal_to_current_size_is_accepted():
+    model = tiny_model("bert")
+    lsg_patch.to_lsg(model, max_length=64, **SMALL)
+    assert model.embeddings.position_embeddings.weight.shape[0] == 64
+
+
+def test_from_lsg_restores_the_original_model():
+    model = tiny_model("bert", AutoModelForSequenceClassification)
+    before = snapshot(model)
+    ids = torch.randint(5, 90, (2, 30))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    lsg_patch.from_lsg(lsg_patch.to_lsg(model, max_length=512, **SMALL))
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_to_lsg_on_an_lsg_model_reconfigures_it():
+    model = lsg_patch.to_lsg(tiny_model("bert"), max_length=128, **SMALL)
+    globals_before = model.embeddings.global_embeddings.weight.detach().clone()
+    lsg_patch.to_lsg(model, max_length=256, sparsity_type="pooling", num_global_tokens=3)
+    assert model.config.sparsity_type == "pooling" and model.config.num_global_tokens == 3
+    assert model.config.block_size == 4  # unchanged options are kept
+    assert torch.equal(model.embeddings.global_embeddings.weight, globals_before)  # trained tokens kept
+    assert model.embeddings.position_embeddings.weight.shape[0] == 256
+    with torch.no_grad():
+        assert model(input_ids=torch.randint(5, 90, (1, 200))).last_hidden_state.shape == (1, 200, 32)
+    lsg_patch.from_lsg(model)
+    assert model.embeddings.position_embeddings.weight.shape[0] == 64
+
+
+def test_input_longer_than_max_length_gets_a_clear_error():
+    model = lsg_patch.to_lsg(tiny_model("bert"), max_length=100, **SMALL)
+    with pytest.raises(ValueError, match="101 tokens but this LSG model accepts at most 100"):
+        model(input_ids=torch.randint(5, 90, (1, 101)))
+
+
+def test_non_adaptive_model_refuses_lengths_off_the_block_grid():
+    model = lsg_patch.to_lsg(tiny_model("bert"), max_length=100, adaptive=False, **SMALL)
+    with pytest.raises(ValueError, match="30 tokens is not a multiple of block_size=4"):
+        model(input_ids=torch.randint(5, 90, (1, 30)))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(sparsity_type="nrom"), "sparsity_type='nrom' is not accepted \\(did you mean 'norm'\\?\\)"),
+        (dict(block_sise=64), "unknown LSG option 'block_sise' \\(did you mean 'block_size'\\?\\)"),
+        (dict(block_size=10, sparsity_factor=4), "block_size=10 is not a multiple of sparsity_factor=4"),
+        (dict(num_global_tokens=0), "num_global_tokens=0 is not accepted: it must be between 1 and 512"),
+        (dict(num_global_tokens=513), "num_global_tokens=513"),
+        (dict(mask_first_token=True, pool_with_global=False), "mask_first_token=True needs pool_with_global=True"),
+        (dict(adaptive="yes"), "adaptive='yes' is not accepted"),
+        (dict(max_length=32), "max_length=32 is below the 64 positions"),
+        (dict(global_positional_stride=48), "global_positional_stride=48 is not accepted"),
+        (dict(bos_token_id=1000), "bos_token_id=1000"),
+    ],
+)
+def test_bad_options_raise_and_leave_the_model_unchanged(options, message):
+    model = tiny_model("bert", AutoModelForMaskedLM)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        lsg_patch.to_lsg(model, **{"max_length": 128, **options})
+    assert_unchanged(model, before)
+    assert not lsg_patch.is_lsg_model(model)
+
+
+def test_unsupported_models_are_named_with_the_supported_list():
+    with pytest.raises(ValueError, match="model_type 'gpt2' .*supported model types: .*bert.*roberta"):
+        lsg_patch.to_lsg(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=4)))
+    with pytest.raises(ValueError, match="cannot convert a Linear.*supported model types"):
+        lsg_patch.to_lsg(nn.Linear(2, 2))
+
+
+def test_from_lsg_refuses_a_plain_model():
+    with pytest.raises(ValueError, match="not an LSG model"):
+        lsg_patch.from_lsg(tiny_model("bert"))
+
+
+def test_caller_tensors_are_not_modified():
+    model = lsg_patch.to_lsg(tiny_model("bert"), max_length=128, mask_first_token=True, **SMALL)
+    ids = torch.randint(5, 90, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    ids_copy, mask_copy = ids.clone(), mask.clone()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(ids, ids_copy) and torch.equal(mask, mask_copy)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    model_type=st.sampled_from(BERT_FAMILY),
+    sparsity_type=st.sampled_from(["none", "norm", "pooling", "stride", "block_stride", "bos_pooling"]),
+    block_size=st.sampled_from([4, 8]),
+    globals_count=st.integers(1, 3),
+    lengths=st.one_of(
+        st.lists(st.integers(17, 60), min_size=2, max_size=3),  # all rows on the block path
+        st.lists(st.integers(2, 8), min_size=2, max_size=3),  # all rows on the full-attention path
+    ),
+    mask_first_token=st.booleans(),
+)
+def test_each_row_of_a_padded_batch_equals_that_row_alone(
+    model_type, sparsity_type, block_size, globals_count, lengths, mask_first_token
+):
+    """Rows are independent as long as they take the same path: like the reference, a row of at most
+    2*block_size tokens takes full attention alone but local blocks inside a longer batch."""
+    model = tiny_model(model_type)
+    lsg_patch.to_lsg(
+        model, max_length=64, block_size=block_size, sparse_block_size=block_size, sparsity_factor=2,
+        sparsity_type=sparsity_type, num_global_tokens=globals_count, mask_first_token=mask_first_token,
+    )  # fmt: skip
+    longest = max(lengths)
+    ids = torch.randint(5, 90, (len(lengths), longest))
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+        ids[row, length:] = model.config.pad_token_id or 0
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for row, length in enumerate(lengths):
+            alone = model(input_ids=ids[row : row + 1, :length]).last_hidden_state
+            assert (batched[row, :length] - alone[0]).abs().max().item() <= 1e-5
+
+
+def test_deepcopy_keeps_the_patch():
+    model = lsg_patch.to_lsg(tiny_model("bert"), max_length=128, **SMALL)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(5, 90, (1, 50))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, twin(input_ids=ids).last_hidden_state)
+    assert lsg_patch.is_lsg_model(twin)
+
+
+def test_options_are_the_reference_names():
+    assert set(option_names()) == {"block_size", "sparse_block_size", "sparsity_factor", "sparsity_type",
+                                   "num_global_tokens", "mask_first_token", "pool_with_global", "adaptive",
+                                   "lsh_num_pre_rounds", "pass_global_tokens_to_decoder"}  # fmt: skip
+    assert tiny_config("bert") is not None
