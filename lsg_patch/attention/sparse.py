@@ -1,0 +1,203 @@
+"""The sparse keys of LSG attention (LSG_SPEC.md section 7), as pure tensor functions.
+
+Every sparsity type turns the T token keys/values of one layer into S = T / sparsity_factor "sparse items"
+in token order. Two families exist:
+
+* position types ("raw" for sparsity_factor 1, "stride", "block_stride") only pick token positions, which
+  depend on the layout and the head alone. They are never materialised: `sparse_token_positions` gives the
+  positions and the block key index of `prepare_mask` points straight at the tokens.
+* item types ("norm", "pooling", "bos_pooling", "lsh") compute new key/value vectors every layer
+  (`sparse_items`), appended behind the G + T keys by the attention product.
+
+Shapes: keys/values (batch, heads, T, d); token_mask (batch, T) bool, True = may be attended.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .layout import AttentionLayout
+
+POSITION_KINDS = frozenset({"raw", "stride", "block_stride"})
+ITEM_KINDS = frozenset({"norm", "pooling", "bos_pooling", "lsh"})
+
+
+class SparseItems(NamedTuple):
+    """Sparse key/value items (batch, heads, S, d) and their mask.
+
+    `mask` is (batch, heads, S) bool for types whose mask depends on the keys (norm, lsh), and None where it
+    depends on token positions only (pooling, bos_pooling): `prepare_mask` has then already put it into the
+    block mask, once per forward pass.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def sparse_kind(layout: AttentionLayout) -> str:
+    """The selection that actually runs: "none", "raw" (sparsity_factor 1, any type) or a sparsity type.
+
+    lsh with sparsity_factor == sparse_block_size runs bos_pooling, as in the reference.
+    """
+    if not layout.has_sparse_keys:
+        return "none"
+    if layout.sparsity_factor == 1:
+        return "raw"
+    if layout.sparsity_type == "lsh" and layout.sparsity_factor == layout.sparse_block_size:
+        return "bos_pooling"
+    return layout.sparsity_type
+
+
+def sparse_step(layout: AttentionLayout) -> int:
+    """Sparse items owned by one block (block_size / sparsity_factor)."""
+    return layout.block_size // layout.sparsity_factor
+
+
+def chunk_size(layout: AttentionLayout) -> int:
+    """Token chunk of norm and lsh: the reference's min(block_size, sparse_block_size), made always valid.
+
+    The reference needs the chunk to divide the token count and to be a multiple of sparsity_factor; it fails
+    otherwise. We take the largest multiple of sparsity_factor that divides block_size and is at most
+    max(min(block_size, sparse_block_size), sparsity_factor): that is min(block_size, sparse_block_size)
+    itself for every layout where the reference's chunking is regular (e.g. powers of two).
+    """
+    sf, bs = layout.sparsity_factor, layout.block_size
+    limit = max(min(bs, layout.sparse_block_size), sf)
+    return max(c for c in range(sf, limit + 1, sf) if bs % c == 0)
+
+
+def group_mask(token_mask: torch.Tensor, group: int) -> torch.Tensor:
+    """(batch, T // group) bool: True where a group of consecutive tokens has at least one valid token."""
+    return token_mask.unflatten(-1, (-1, group)).any(dim=-1)
+
+
+def sparse_token_positions(layout: AttentionLayout, num_tokens: int, device: torch.device | None = None
+                           ) -> torch.Tensor:
+    """(R, S) token position of every sparse item of a position type; head h uses row h % R.
+
+    raw: every token (R = 1). stride: tokens j*sf + (h mod sf). block_stride: inside every block the
+    sub-block h mod sf, i.e. tokens b*bs + ((h*step + r) mod bs) (R = sf for both).
+    """
+    kind, sf = sparse_kind(layout), layout.sparsity_factor
+    items = torch.arange(num_tokens // sf, device=device)
+    residues = torch.arange(sf, device=device)[:, None]
+    if kind == "raw":
+        return items[None]
+    if kind == "stride":
+        return items * sf + residues
+    if kind == "block_stride":
+        step, bs = sparse_step(layout), layout.block_size
+        block, offset = items // step, items % step
+        return block * bs + residues * step + offset  # (h*step + r) mod bs, as residues*step + r < bs
+    raise ValueError(f"sparsity kind {kind!r} does not select token positions")
+
+
+def sparse_items(query_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 token_mask: torch.Tensor, layout: AttentionLayout, scale: float) -> SparseItems:
+    """Compute the sparse items of an item type (see the module docstring).
+
+    query_first (batch, heads, d) is the query of token 0, used by bos_pooling; scale is the score scale of
+    the attention product, reused for bos_pooling's scores.
+    """
+    kind = sparse_kind(layout)
+    if kind == "norm":
+        return norm_items(keys, values, token_mask, layout)
+    if kind == "pooling":
+        return mean_pooling_items(keys, values, token_mask, layout.sparsity_factor)
+    if kind == "bos_pooling":
+        return bos_pooling_items(query_first, keys, values, token_mask, layout.sparsity_factor, scale)
+    if kind == "lsh":
+        return lsh_items(keys, values, token_mask, layout)
+    raise ValueError(f"sparsity kind {kind!r} has no sparse items")
+
+
+def norm_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
+               layout: AttentionLayout) -> SparseItems:
+    """In every chunk of c tokens the c / sf keys of largest norm (masked tokens count as norm 0).
+
+    Within a chunk the chosen keys are in ascending norm order, as in the reference; their mask comes along,
+    so a chosen padded token stays masked. The choice is not differentiated.
+    """
+    c = chunk_size(layout)
+    per_chunk = c // layout.sparsity_factor
+    n, h, t, d = keys.shape
+    norms = keys.detach().norm(dim=-1).masked_fill(~token_mask[:, None], 0)
+    order = norms.unflatten(-1, (t // c, c)).argsort(dim=-1, stable=True)[..., c - per_chunk:]
+    chunk_start = torch.arange(0, t, c, device=keys.device)[:, None]
+    index = (order + chunk_start).flatten(-2)
+    rows = index[..., None].expand(-1, -1, -1, d)
+    mask = token_mask[:, None].expand(n, h, t).gather(-1, index)
+    return SparseItems(keys.gather(2, rows), values.gather(2, rows), mask)
+
+
+def mean_pooling_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
+                       group: int) -> SparseItems:
+    """Mean of the valid tokens of every group of sf tokens: sum / (count + 1e-6), as the reference."""
+    valid = token_mask[:, None, :, None]
+    count = token_mask.unflatten(-1, (-1, group)).sum(dim=-1).to(keys.dtype)[:, None, :, None] + 1e-6
+
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(~valid, 0).unflatten(2, (-1, group)).sum(dim=3) / count
+
+    return SparseItems(pool(keys), pool(values), None)
+
+
+def bos_pooling_items(query_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      token_mask: torch.Tensor, group: int, scale: float) -> SparseItems:
+    """Softmax-weighted sum of every group of sf tokens, weighted by the scores of token 0's query.
+
+    Masked members score finfo.min (the reference adds it, which rounds to the same value), so a fully masked
+    group gets finite uniform weights; its item is masked anyway (deliberate difference 1, set by
+    `prepare_mask`).
+    """
+    grouped_keys = keys.unflatten(2, (-1, group))
+    grouped_values = values.unflatten(2, (-1, group))
+    scores = (grouped_keys @ query_first[:, :, None, :, None]).squeeze(-1) * scale
+    masked = ~token_mask.unflatten(-1, (-1, group))[:, None]
+    scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(dim=-1)[..., None, :]
+    return SparseItems((weights @ grouped_keys).squeeze(-2), (weights @ grouped_values).squeeze(-2), None)
+
+
+def lsh_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
+              layout: AttentionLayout) -> SparseItems:
+    """Mean of the keys/values that random hyperplanes hash into the same bucket, per chunk of c tokens.
+
+    As the reference: masked tokens are zeroed and count for nothing; lsh_num_pre_rounds rounds hash the
+    c tokens of a chunk into c buckets (bucket sums), a last round into c / sf buckets; an item is the
+    bucket sum / (count + 1e-8) and is masked iff its bucket is empty. The hyperplanes come from
+    torch.randn on every call, so results are reproducible under torch.manual_seed only.
+    """
+    c = chunk_size(layout)
+    valid = token_mask[:, None, :, None]
+    keys = keys.masked_fill(~valid, 0).unflatten(2, (-1, c))
+    values = values.masked_fill(~valid, 0).unflatten(2, (-1, c))
+    count = valid.expand(-1, keys.shape[1], -1, -1).to(keys.dtype).unflatten(2, (-1, c))
+    for _ in range(layout.lsh_num_pre_rounds):
+        keys, values, count = _lsh_round(keys, values, count, c)
+    keys, values, count = _lsh_round(keys, values, count, c // layout.sparsity_factor)
+    return SparseItems((keys / (count + 1e-8)).flatten(2, 3), (values / (count + 1e-8)).flatten(2, 3),
+                       (count > 0).flatten(2))
+
+
+def _lsh_round(keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor, buckets: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum keys, values and counts (batch, heads, chunks, rows, .) into `buckets` rows by a random hash.
+
+    A key's bucket is the argmax over [x.P, -x.P] of its direction x for buckets // 2 random planes P (per
+    head), as in the reference: with an odd count the last bucket stays empty. A single bucket takes every key
+    (the reference fails there).
+    """
+    n, h, b, t, d = keys.shape
+    with torch.no_grad():
+        planes = torch.randn(h, 1, d, max(buckets // 2, 1), device=keys.device, dtype=keys.dtype)
+        projections = F.normalize(keys, dim=-1) @ planes
+        bucket = torch.cat([projections, -projections], dim=-1).argmax(dim=-1, keepdim=True) % buckets
+
+    def bucket_sum(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(n, h, b, buckets, x.shape[-1]).scatter_add(3, bucket.expand_as(x), x)
+
+    return bucket_sum(keys), bucket_sum(values), bucket_sum(count)
