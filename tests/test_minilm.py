@@ -74,3 +74,16 @@ def test_mask_first_token_reproduces_the_original_exactly(original, tokenizer):
     with torch.no_grad():
         difference = model(**batch).last_hidden_state - original(**batch).last_hidden_state
     assert difference[batch["attention_mask"].bool()].abs().max().item() <= 1e-5
+
+
+def test_plain_to_lsg_finds_the_saved_tokenizer_and_logs_it(original, tokenizer, caplog):
+    caplog.set_level("INFO", logger="lsg_patch")
+    plain = lsg_patch.to_lsg(copy.deepcopy(original), max_length=1024)
+    assert "global tokens seeded from the tokenizer saved with the model" in caplog.text
+    explicit = converted(original, tokenizer)
+    assert torch.equal(plain.embeddings.global_embeddings.weight, explicit.embeddings.global_embeddings.weight)
+    words = original.embeddings.word_embeddings.weight
+    positions = original.embeddings.position_embeddings.weight
+    token_type = original.embeddings.token_type_embeddings.weight[0]
+    expected_row_1 = positions[64] + words[tokenizer.mask_token_id] + token_type  # stride 64: row 1 is position 64
+    assert torch.allclose(plain.embeddings.global_embeddings.weight[1], expected_row_1, atol=1e-6)

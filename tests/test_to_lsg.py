@@ -233,3 +233,23 @@ def test_options_are_the_reference_names():
                                    "num_global_tokens", "mask_first_token", "pool_with_global", "adaptive",
                                    "lsh_num_pre_rounds", "pass_global_tokens_to_decoder"}  # fmt: skip
     assert tiny_config("bert") is not None
+
+
+def test_random_global_init_is_seeded():
+    first = lsg_patch.to_lsg(tiny_model("bert"), max_length=128, random_global_init=True, seed=3, **SMALL)
+    again = lsg_patch.to_lsg(tiny_model("bert"), max_length=128, random_global_init=True, seed=3, **SMALL)
+    other = lsg_patch.to_lsg(tiny_model("bert"), max_length=128, random_global_init=True, seed=4, **SMALL)
+    table = first.embeddings.global_embeddings.weight
+    assert torch.equal(table, again.embeddings.global_embeddings.weight)
+    assert not torch.equal(table, other.embeddings.global_embeddings.weight)
+
+
+def test_position_only_initialisation_without_any_token_ids(caplog):
+    caplog.set_level("INFO", logger="lsg_patch")
+    model = tiny_model("bert")
+    positions = model.embeddings.position_embeddings.weight.detach().clone()
+    token_type = model.embeddings.token_type_embeddings.weight.detach()[0]
+    lsg_patch.to_lsg(model, max_length=128, **SMALL)
+    assert "no tokenizer (position-only initialisation)" in caplog.text
+    table = model.embeddings.global_embeddings.weight.detach()
+    assert torch.allclose(table[0], positions[0] + token_type) and torch.allclose(table[8], positions[1] + token_type)
