@@ -67,9 +67,12 @@ _BERT_HEADS = (
     "Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
     "ForMultipleChoice", "ForPreTraining", "ForCausalLM",
 )  # fmt: skip
+_ROBERTA_HEADS = tuple(head for head in _BERT_HEADS if head != "ForPreTraining")
+# BERT itself names its causal head LMHeadModel and has a next-sentence head; RoBERTa-likes have no pre-training head.
+_BERT_CLASS_HEADS = (*_ROBERTA_HEADS[:-1], "ForPreTraining", "ForNextSentencePrediction", "LMHeadModel")
 
 
-def _bert_like(offset: int, token_types: bool, description: str) -> ArchitectureEntry:
+def _bert_like(offset: int, token_types: bool, description: str, heads: tuple[str, ...] = _BERT_HEADS) -> ArchitectureEntry:
     return ArchitectureEntry(
         adapter="lsg_patch.families.bert:BertFamily",
         self_attention="encoder.layer.*.attention.self",
@@ -78,16 +81,76 @@ def _bert_like(offset: int, token_types: bool, description: str) -> Architecture
         token_type_embeddings="embeddings.token_type_embeddings" if token_types else None,
         position_offset=offset,
         description=description,
-        heads=_BERT_HEADS,
+        heads=heads,
+    )
+
+
+# The decoder-only ForCausalLM heads of these families have no encoder, so nothing for LSG to patch.
+_SEQ2SEQ_HEADS = ("Model", "ForConditionalGeneration", "ForSequenceClassification", "ForQuestionAnswering")
+
+
+def _bart_like(
+    adapter: str, offset: int, sinusoidal: bool, heads: tuple[str, ...], description: str
+) -> ArchitectureEntry:
+    return ArchitectureEntry(
+        adapter=adapter,
+        self_attention="encoder.layers.*.self_attn",
+        position_embeddings="encoder.embed_positions",
+        word_embeddings="shared",
+        embeddings="encoder",
+        global_embeddings_parent="encoder",
+        position_offset=offset,
+        sinusoidal_positions=sinusoidal,
+        tied_position_tables=("decoder.embed_positions",),
+        encoder_decoder=True,
+        description=description,
+        heads=heads,
     )
 
 
 _REGISTRY: dict[str, ArchitectureEntry] = {
-    "bert": _bert_like(0, True, "encoder self-attention; learned positions tiled"),
-    "roberta": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows"),
-    "camembert": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows"),
-    "xlm-roberta": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows"),
+    "bert": _bert_like(0, True, "encoder self-attention; learned positions tiled", _BERT_CLASS_HEADS),
+    "roberta": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS),
+    "camembert": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS),
+    "xlm-roberta": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS),
     "electra": _bert_like(0, True, "encoder self-attention; learned positions tiled; globals at embedding_size"),
+    "albert": ArchitectureEntry(
+        adapter="lsg_patch.families.albert:AlbertFamily",
+        self_attention="encoder.albert_layer_groups.*.albert_layers.*.attention",
+        position_embeddings="embeddings.position_embeddings",
+        word_embeddings="embeddings.word_embeddings",
+        token_type_embeddings="embeddings.token_type_embeddings",
+        description="shared encoder attention (one LSG module per layer group); learned positions tiled; "
+        "globals and padding at embedding_size, before embedding_hidden_mapping_in",
+        heads=(
+            "Model", "ForPreTraining", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+            "ForQuestionAnswering", "ForMultipleChoice",
+        ),
+    ),
+    "distilbert": ArchitectureEntry(
+        adapter="lsg_patch.families.distilbert:DistilBertFamily",
+        self_attention="transformer.layer.*.attention",
+        position_embeddings="embeddings.position_embeddings",
+        word_embeddings="embeddings.word_embeddings",
+        encoder="transformer",
+        description="encoder self-attention; learned positions tiled",
+        heads=(
+            "Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+            "ForMultipleChoice",
+        ),
+    ),
+    "bart": _bart_like(
+        "lsg_patch.families.bart:BartFamily", 2, False, _SEQ2SEQ_HEADS,
+        "encoder self-attention; encoder and decoder learned positions tiled after the 2 offset rows",
+    ),  # fmt: skip
+    "mbart": _bart_like(
+        "lsg_patch.families.bart:BartFamily", 2, False, _SEQ2SEQ_HEADS,
+        "encoder self-attention; encoder and decoder learned positions tiled after the 2 offset rows",
+    ),  # fmt: skip
+    "pegasus": _bart_like(
+        "lsg_patch.families.bart:PegasusFamily", 0, True, _SEQ2SEQ_HEADS[:2],
+        "encoder self-attention; encoder and decoder sinusoidal tables regenerated",
+    ),  # fmt: skip
 }
 
 

@@ -24,6 +24,12 @@ from .token_ids import check_token_ids, resolve_seed_tokens
 logger = logging.getLogger("lsg_patch")
 
 GLOBAL_EMBEDDINGS = "global_embeddings"
+# Written into model.config so that a checkpoint loaded without lsg_patch says what it needs.
+LOAD_NOTE_KEY = "lsg_patch_note"
+LOAD_NOTE = (
+    "LSG model saved by lsg_patch: load it inside `with lsg_patch.enabled():` or with lsg_patch.from_pretrained(path); "
+    "plain transformers builds it with full attention and drops its global tokens (global_embeddings)"
+)
 
 
 @dataclass
@@ -100,7 +106,7 @@ def from_lsg(model: nn.Module) -> nn.Module:
             replace_embedding_weight(table, table.weight.detach()[: record.original_position_rows].clone())
             resize_index_buffers(get_submodule(base, _parent_path(path)), record.original_position_rows)
         config.max_position_embeddings = record.original_max_position_embeddings
-    for key in option_names():
+    for key in (*option_names(), LOAD_NOTE_KEY):
         if key in config.__dict__:
             delattr(config, key)
     if hasattr(base, "_lsg_patch"):
@@ -197,6 +203,7 @@ def _apply(plan: _Plan, config: Any) -> None:
     for key, value in plan.lsg.config_entries(entry.encoder_decoder).items():
         setattr(config, key, value)
     config.max_position_embeddings = plan.max_length + entry.position_offset + config_extra_rows
+    setattr(config, LOAD_NOTE_KEY, LOAD_NOTE)
     base._lsg_patch = plan.record
     logger.info(
         "converted %s to LSG: max_length %d, %d attention modules, %s",

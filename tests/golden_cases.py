@@ -68,3 +68,11 @@ def lsg_model_for(case: GoldenCase) -> torch.nn.Module:
     lsg_patch.to_lsg(model, max_length=max_length, **case.lsg_params)
     model.load_state_dict(case.weights, strict=True)
     return model
+
+
+def lsg_seq2seq_model_for(case: GoldenCase) -> torch.nn.Module:
+    """`lsg_model_for` for BART-likes, whose config counts positions without the table's 2 offset rows."""
+    model = plain_model(case)
+    lsg_patch.to_lsg(model, max_length=case.meta["config"]["max_position_embeddings"], **case.lsg_params)
+    model.load_state_dict(case.weights, strict=True)
+    return model

@@ -1,0 +1,255 @@
+"""BART, mBART and Pegasus: encoder-decoder models whose encoder embeds its own input.
+
+The encoder's pre-hook pads `input_ids` with the pad token (the padded rows are real pad embeddings plus
+positions, LSG_SPEC.md section 5), embeds them, and hands the encoder `inputs_embeds = [globals; tokens]`.
+A pair of hooks on the encoder's position table looks positions up for the T tokens only and gives the G
+global rows none, so the upstream sum `inputs_embeds + positions`, `layernorm_embedding` (BART, mBART) and
+dropout run over [globals; tokens] exactly as in the reference (section 4); the global rows are not scaled
+by embed_scale. The encoder gets no attention mask (transformers then builds no O(T^2) mask); a pre-hook on
+every encoder layer gives it the LSG mask instead, built once per forward. Passed as a layer argument, the
+mask is also what gradient checkpointing replays.
+
+With pass_global_tokens_to_decoder (the default) the encoder output keeps its G global rows and the
+decoder's `encoder_attention_mask` is left-padded with G ones by a decoder pre-hook (section 7b); the
+decoder and its cross-attention are the stock ones.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..attention import lsg_attention, prepare_mask
+from ..hooks import LSGHook
+from ..registry_paths import find_modules, get_submodule
+from .base import EncoderMask, FamilyAdapter, LengthCheck, LSGSelfAttention, block_padding, mask_first, token_mask_from
+
+if TYPE_CHECKING:
+    from ..config import LSGConfig
+    from ..registry import ArchitectureEntry
+
+
+class LSGBartAttention(LSGSelfAttention):
+    """Replaces the encoder self-attention of BART, mBART and Pegasus (their attention includes out_proj)."""
+
+    projection_names = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def __init__(self, original: nn.Module, layout: Any) -> None:
+        super().__init__(original, layout)
+        self.head_dim = original.head_dim
+        self.scaling = original.scaling
+        self.dropout = original.dropout  # a probability (float) in these families, not a module
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        encoder_mask = self.encoder_mask(attention_mask)
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        context = lsg_attention(
+            query,
+            key,
+            value,
+            encoder_mask.mask,
+            self.layout,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scaling,
+        )
+        return self.out_proj(context.transpose(1, 2).reshape(batch, length, -1)), None
+
+
+class EncoderState:
+    """The LSG mask of the encoder forward in progress, shared by the hooks of one model (None between forwards)."""
+
+    def __init__(self) -> None:
+        self.mask: EncoderMask | None = None
+
+
+class BartFamily(FamilyAdapter):
+    """BART and mBART: `embed_tokens` applies embed_scale itself (a ScaledWordEmbedding)."""
+
+    attention_class = LSGBartAttention
+
+    @staticmethod
+    def token_embeddings(encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the upstream encoder computes from input_ids before adding positions."""
+        return encoder.embed_tokens(input_ids)
+
+    def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
+        encoder = get_submodule(base_model, entry.encoder)
+        state = EncoderState()
+        LengthCheck(max_length).register_pre(encoder)
+        EncoderInput(self.token_embeddings, base_model.config.pad_token_id, lsg, state).register_pre(encoder)
+        EncoderOutput(lsg, state).register_post(encoder)
+        positions = get_submodule(base_model, entry.position_embeddings)
+        TokenPositionsOnly(lsg.num_global_tokens, state).register_pre(positions)
+        NoPositionForGlobals(lsg.num_global_tokens, state).register_post(positions)
+        layers = {id(parent): parent for parent, _, _ in find_modules(base_model, entry.self_attention)}
+        for layer in layers.values():
+            LayerMask(state).register_pre(layer)
+        if lsg.pass_global_tokens_to_decoder:
+            decoder = getattr(base_model, "decoder", None)
+            if decoder is not None:
+                CrossAttentionMask(lsg.num_global_tokens).register_pre(decoder)
+
+
+class PegasusFamily(BartFamily):
+    """Pegasus: `embed_tokens` is a plain embedding; the encoder multiplies by its `embed_scale`."""
+
+    @staticmethod
+    def token_embeddings(encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return encoder.embed_tokens(input_ids) * encoder.embed_scale
+
+
+def _position(module: nn.Module, name: str) -> int:
+    return list(inspect.signature(module.forward).parameters).index(name)
+
+
+def get_argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """One argument of a module call, whether the caller passed it by position or by keyword."""
+    index = _position(module, name)
+    return args[index] if index < len(args) else kwargs.get(name)
+
+
+def set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+    """Replace one argument where the caller put it: transformers' forward wrappers expect their keyword
+    arguments to stay keywords."""
+    index = _position(module, name)
+    if index < len(args):
+        return (*args[:index], value, *args[index + 1 :]), kwargs
+    return args, {**kwargs, name: value}
+
+
+class EncoderInput(LSGHook):
+    """Encoder pre-hook: block padding (pad tokens), the LSG mask, and inputs_embeds = [globals; tokens]."""
+
+    def __init__(self, token_embeddings: Any, pad_token_id: int | None, lsg: "LSGConfig", state: EncoderState) -> None:
+        self.token_embeddings = token_embeddings
+        self.pad_token_id = pad_token_id
+        self.lsg = lsg
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        input_ids = get_argument(module, args, kwargs, "input_ids")
+        embeds = get_argument(module, args, kwargs, "inputs_embeds")
+        reference = input_ids if input_ids is not None else embeds
+        if reference is None:
+            return args, kwargs  # upstream raises its own error for this call
+        batch, length = reference.shape[:2]
+        token_mask = token_mask_from(get_argument(module, args, kwargs, "attention_mask"), batch, length, reference.device)
+        padding = block_padding(length, self.lsg)
+        if input_ids is not None:
+            if padding:
+                input_ids = torch.cat([input_ids, input_ids.new_full((batch, padding), self._pad_id(length))], dim=1)
+            embeds = self.token_embeddings(module, input_ids)
+        elif padding:  # padded rows are masked and trimmed, so their content is never seen
+            embeds = torch.cat([embeds, embeds.new_zeros(batch, padding, embeds.shape[-1])], dim=1)
+        if padding:
+            token_mask = torch.cat([token_mask, token_mask.new_zeros(batch, padding)], dim=1)
+        if self.lsg.mask_first_token:
+            token_mask = mask_first(token_mask)
+        count = self.lsg.num_global_tokens
+        globals_ = module.global_embeddings.weight[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        self.state.mask = EncoderMask(prepare_mask(token_mask, self.lsg.layout), length)
+        args, kwargs = set_argument(module, args, kwargs, "input_ids", None)
+        args, kwargs = set_argument(module, args, kwargs, "attention_mask", None)
+        return set_argument(module, args, kwargs, "inputs_embeds", torch.cat([globals_, embeds], dim=1))
+
+    def _pad_id(self, length: int) -> int:
+        if self.pad_token_id is None:
+            raise ValueError(
+                f"an input of {length} tokens must be padded to a multiple of block_size={self.lsg.block_size}, "
+                "but the model config has no pad_token_id; set model.config.pad_token_id or pad the input yourself"
+            )
+        return self.pad_token_id
+
+
+class TokenPositionsOnly(LSGHook):
+    """Position-table pre-hook: look positions up for the T tokens, not for the G global rows in front."""
+
+    def __init__(self, num_global_tokens: int, state: EncoderState) -> None:
+        self.num_global_tokens = num_global_tokens
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.state.mask is None or not args:
+            return None
+        shape_source = args[0]  # BART/mBART pass a (batch, G+T) tensor, Pegasus the (batch, G+T) shape
+        if isinstance(shape_source, torch.Tensor):
+            tokens_only = shape_source[:, self.num_global_tokens :]
+        else:
+            tokens_only = (shape_source[0], shape_source[1] - self.num_global_tokens)
+        return (tokens_only, *args[1:]), kwargs
+
+
+class NoPositionForGlobals(LSGHook):
+    """Position-table post-hook: zero rows in front for the globals, which get no position (spec section 4)."""
+
+    def __init__(self, num_global_tokens: int, state: EncoderState) -> None:
+        self.num_global_tokens = num_global_tokens
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if self.state.mask is None:
+            return None
+        zeros = output.new_zeros(*output.shape[:-2], self.num_global_tokens, output.shape[-1])
+        return torch.cat([zeros, output], dim=-2)
+
+
+class LayerMask(LSGHook):
+    """Encoder-layer pre-hook: the layer's attention mask argument becomes this forward's LSG mask."""
+
+    def __init__(self, state: EncoderState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self.state.mask is None:
+            raise RuntimeError(
+                "an LSG encoder layer ran outside its encoder: call the whole model or its encoder, not a single layer"
+            )
+        return set_argument(module, args, kwargs, "attention_mask", self.state.mask)
+
+
+class EncoderOutput(LSGHook):
+    """Encoder post-hook: drop the block padding, and the globals too unless they go to the decoder."""
+
+    def __init__(self, lsg: "LSGConfig", state: EncoderState) -> None:
+        self.lsg = lsg
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        length = self.state.mask.num_tokens
+        self.state.mask = None
+        hidden = output[0]
+        count = self.lsg.num_global_tokens
+        if self.lsg.pass_global_tokens_to_decoder:
+            kept = hidden[:, : count + length]
+        else:
+            kept = hidden[:, count : count + length]
+            if self.lsg.pool_with_global:
+                kept = torch.cat([hidden[:, :1], kept[:, 1:]], dim=1)
+        if isinstance(output, tuple):  # return_dict=False
+            return (kept, *output[1:])
+        output.last_hidden_state = kept
+        return output
+
+
+class CrossAttentionMask(LSGHook):
+    """Decoder pre-hook: left-pad a 2-D encoder_attention_mask with G ones when the encoder output carries
+    the G global rows in front (also when encoder outputs are reused, as in generate)."""
+
+    def __init__(self, num_global_tokens: int) -> None:
+        self.num_global_tokens = num_global_tokens
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        mask = get_argument(module, args, kwargs, "encoder_attention_mask")
+        states = get_argument(module, args, kwargs, "encoder_hidden_states")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or states is None:
+            return None
+        if mask.shape[1] + self.num_global_tokens != states.shape[1]:
+            return None
+        ones = mask.new_ones(mask.shape[0], self.num_global_tokens)
+        return set_argument(module, args, kwargs, "encoder_attention_mask", torch.cat([ones, mask], dim=1))

@@ -1,0 +1,294 @@
+"""Every registry entry x every head class it lists, on tiny random models.
+
+For each head: the patched model runs on a long, padded batch (longer than two blocks, not a multiple of the
+block size); the state_dict keys are the original ones plus exactly the global table; and the padded row gives
+the same outputs as the same row run alone (so padding, block padding and the masks line up).
+Families without golden files (ALBERT, DistilBERT, mBART, Pegasus) are also checked against an oracle built
+from the unpatched model's own modules with plain attention (inputs of at most two blocks, where LSG is
+full attention over [globals; tokens]).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+import lsg_patch
+
+_COMMON = dict(vocab_size=99, max_position_embeddings=64)
+_BERT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, initializer_range=0.2)
+_SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=64, decoder_ffn_dim=64, init_std=0.2, scale_embedding=True)  # fmt: skip
+TINY_CONFIGS: dict[str, dict] = {
+    "bert": _BERT_LIKE,
+    "roberta": dict(_BERT_LIKE, pad_token_id=1, max_position_embeddings=66),
+    "camembert": dict(_BERT_LIKE, pad_token_id=1, max_position_embeddings=66),
+    "xlm-roberta": dict(_BERT_LIKE, pad_token_id=1, max_position_embeddings=66),
+    "electra": dict(_BERT_LIKE, embedding_size=16),
+    "albert": dict(_BERT_LIKE, embedding_size=16),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, initializer_range=0.2),
+    "bart": _SEQ2SEQ,
+    "mbart": _SEQ2SEQ,
+    "pegasus": _SEQ2SEQ,
+}
+# Head classes transformers has that an entry may leave out, with the reason.
+NOT_PATCHABLE = {"ForCausalLM": "decoder-only head of an encoder-decoder family: it has no encoder to patch"}
+
+LSG = dict(block_size=8, sparse_block_size=8, sparsity_factor=2, sparsity_type="norm", num_global_tokens=2)
+MAX_LENGTH = 128
+LENGTH, PADDED_ROW_LENGTH, DECODER_LENGTH = 75, 53, 7  # both > 2 * 8 and not multiples of 8
+
+
+def tiny_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
+    return AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type], **overrides})
+
+
+def head_class(model_type: str, head: str) -> type:
+    prefix = MODEL_MAPPING_NAMES[model_type][: -len("Model")]
+    return getattr(transformers, prefix + head)
+
+
+def build(model_type: str, head: str, **overrides) -> torch.nn.Module:
+    causal = head in ("ForCausalLM", "LMHeadModel")
+    config = tiny_config(model_type, is_decoder=causal, **overrides)
+    torch.manual_seed(0)
+    return head_class(model_type, head)(config).eval()
+
+
+def batch_inputs(model: torch.nn.Module, head: str, length: int = LENGTH, padded_length: int = PADDED_ROW_LENGTH
+                 ) -> dict[str, torch.Tensor]:
+    """A batch of 2: row 0 full, row 1 padded after `padded_length` tokens. Seq2seq rows end with one EOS."""
+    config = model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, config.vocab_size, (2, length), generator=generator)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, padded_length:] = 0
+    ids[1, padded_length:] = pad
+    inputs = {}
+    if config.is_encoder_decoder:
+        ids[0, length - 1] = ids[1, padded_length - 1] = config.eos_token_id
+    if config.is_encoder_decoder and head in ("Model", "ForConditionalGeneration"):  # others decode shifted input_ids
+        inputs["decoder_input_ids"] = torch.randint(5, config.vocab_size, (2, DECODER_LENGTH), generator=generator)
+    if head == "ForMultipleChoice":
+        ids, mask = ids[:, None].repeat(1, 2, 1), mask[:, None].repeat(1, 2, 1)
+    return {"input_ids": ids, "attention_mask": mask, **inputs}
+
+
+def row_alone(inputs: dict[str, torch.Tensor], padded_length: int) -> dict[str, torch.Tensor]:
+    """Row 1 of the batch on its own, without its padding."""
+    alone = {}
+    for name, tensor in inputs.items():
+        row = tensor[1:2]
+        alone[name] = row if name.startswith("decoder") else row[..., :padded_length]
+    return alone
+
+
+def cases() -> list[tuple[str, str]]:
+    return [(t, h) for t, e in lsg_patch.supported_architectures().items() for h in e.heads]
+
+
+def global_key(model: torch.nn.Module, entry: lsg_patch.ArchitectureEntry) -> str:
+    prefix = "" if model.base_model is model else model.base_model_prefix + "."
+    return f"{prefix}{entry.global_embeddings_parent}.global_embeddings.weight"
+
+
+@pytest.mark.parametrize(("model_type", "head"), cases())
+def test_head_runs_long_padded_batch_with_unchanged_keys(model_type: str, head: str) -> None:
+    model = build(model_type, head)
+    entry = lsg_patch.supported_architectures()[model_type]
+    keys_before = set(model.state_dict())
+    lsg_patch.to_lsg(model, max_length=MAX_LENGTH, **LSG)
+    assert set(model.state_dict()) == keys_before | {global_key(model, entry)}
+
+    inputs = batch_inputs(model, head)
+    no_cache = {"use_cache": False} if model.config.is_encoder_decoder or model.config.is_decoder else {}
+    with torch.no_grad():
+        batch = model(**inputs, **no_cache)
+        alone = model(**row_alone(inputs, PADDED_ROW_LENGTH), **no_cache)
+    compared = 0
+    for name, value in alone.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        expected_rows = value.shape[1] if value.dim() > 1 else None
+        got = batch[name][1:2]
+        if value.dim() > 1 and got.shape[1] != expected_rows:  # per-token output: keep the row's real tokens
+            got = got[:, :expected_rows]
+        assert got.shape == value.shape, f"{name}: {tuple(got.shape)} vs {tuple(value.shape)}"
+        assert torch.isfinite(batch[name]).all(), name
+        diff = (got - value).abs().max().item()
+        assert diff < 1e-4, f"{model_type} {head} {name}: padded row differs from the row alone by {diff:.3g}"
+        compared += 1
+    assert compared, "no tensor output was compared"
+
+
+@pytest.mark.parametrize("model_type", sorted(lsg_patch.supported_architectures()))
+def test_encoder_rows_per_family(model_type: str) -> None:
+    """Encoder-only families return one row per input token; encoder-decoders keep the G global rows in front."""
+    model = lsg_patch.to_lsg(build(model_type, "Model"), max_length=MAX_LENGTH, **LSG)
+    inputs = batch_inputs(model, "Model")
+    with torch.no_grad():
+        out = model(**inputs)
+    if model.config.is_encoder_decoder:
+        assert out.encoder_last_hidden_state.shape[1] == LSG["num_global_tokens"] + LENGTH
+        assert out.last_hidden_state.shape[1] == DECODER_LENGTH
+    else:
+        assert out.last_hidden_state.shape[1] == LENGTH
+
+
+def test_every_registry_entry_has_a_tiny_config_and_is_exercised() -> None:
+    registered = set(lsg_patch.supported_architectures())
+    assert registered == set(TINY_CONFIGS), f"entries without a tiny test config: {registered - set(TINY_CONFIGS)}"
+    assert {t for t, _ in cases()} == registered
+
+
+@pytest.mark.parametrize("model_type", sorted(lsg_patch.supported_architectures()))
+def test_entry_lists_every_head_class_transformers_has(model_type: str) -> None:
+    prefix = MODEL_MAPPING_NAMES[model_type][: -len("Model")]
+    available = {
+        name[len(prefix):] for name in dir(transformers)
+        if name.startswith(prefix) and (name[len(prefix):].startswith("For") or name[len(prefix):] in ("Model", "LMHeadModel"))
+    }  # fmt: skip
+    heads = set(lsg_patch.supported_architectures()[model_type].heads)
+    assert heads <= available, f"{model_type}: heads transformers does not have: {heads - available}"
+    assert available - heads <= set(NOT_PATCHABLE), f"{model_type}: heads not listed: {available - heads - set(NOT_PATCHABLE)}"
+
+
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "pegasus"])
+def test_decoder_only_head_is_refused_and_left_unchanged(model_type: str) -> None:
+    model = build(model_type, "ForCausalLM")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'encoder'"):
+        lsg_patch.to_lsg(model, max_length=MAX_LENGTH, **LSG)
+    after = model.state_dict()
+    assert set(after) == set(state) and all(torch.equal(after[k], v) for k, v in state.items())
+
+
+# Oracles: the unpatched model's own modules with plain attention over [globals; tokens] (short inputs).
+
+SHORT, SHORT_PADDED = 14, 10  # at most 2 * block_size: LSG takes full attention
+MIN = torch.finfo(torch.float32).min
+
+
+def additive_mask(token_mask: torch.Tensor, globals_count: int) -> torch.Tensor:
+    full = torch.cat([torch.ones(token_mask.shape[0], globals_count, dtype=torch.bool), token_mask.bool()], dim=1)
+    return torch.zeros(full.shape, dtype=torch.float32).masked_fill(~full, MIN)[:, None, None, :]
+
+
+def pooled_trim(hidden: torch.Tensor, globals_count: int) -> torch.Tensor:
+    tokens = hidden[:, globals_count:]
+    return torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)
+
+
+@pytest.mark.parametrize("model_type", ["albert", "distilbert"])
+@pytest.mark.parametrize("mask_first_token", [False, True])
+def test_encoder_only_family_matches_plain_modules(model_type: str, mask_first_token: bool) -> None:
+    plain = build(model_type, "Model", attn_implementation="eager")
+    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, mask_first_token=mask_first_token, **LSG)
+    inputs = batch_inputs(model, "Model", SHORT, SHORT_PADDED)
+    g = LSG["num_global_tokens"]
+    key_mask = inputs["attention_mask"].clone()
+    if mask_first_token:
+        key_mask[:, 0] = 0
+    with torch.no_grad():
+        embeddings = plain.embeddings(inputs["input_ids"])
+        table = model.embeddings.global_embeddings.weight[:g]
+        globals_ = plain.embeddings.LayerNorm(table).expand(2, -1, -1)
+        hidden = torch.cat([globals_, embeddings], dim=1)
+        encoder = plain.encoder if model_type == "albert" else plain.transformer
+        hidden = encoder(hidden, attention_mask=additive_mask(key_mask, g)).last_hidden_state
+        expected = pooled_trim(hidden, g)
+        out = model(**inputs)
+    assert (out.last_hidden_state - expected).abs().max().item() < 1e-5
+    if model_type == "albert":
+        pooled = plain.pooler_activation(plain.pooler(expected[:, 0]))
+        assert (out.pooler_output - pooled).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "pegasus"])
+@pytest.mark.parametrize("mask_first_token", [False, True])
+def test_seq2seq_family_matches_plain_modules(model_type: str, mask_first_token: bool) -> None:
+    """scale_embedding=True: the token rows are scaled by upstream's own embedding, the global rows are not."""
+    plain = build(model_type, "Model", attn_implementation="eager")
+    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, mask_first_token=mask_first_token, **LSG)
+    inputs = batch_inputs(model, "Model", SHORT, SHORT_PADDED)
+    caller_mask = inputs["attention_mask"].clone()
+    g = LSG["num_global_tokens"]
+    key_mask = caller_mask.clone()
+    if mask_first_token:
+        key_mask[:, 0] = 0
+    encoder = plain.encoder
+    captured = {}
+    hook = encoder.layers[0].register_forward_pre_hook(lambda module, args: captured.update(tokens=args[0]))
+    with torch.no_grad():
+        encoder(input_ids=inputs["input_ids"])  # token rows as upstream embeds them (scale, positions, LN)
+        hook.remove()
+        table = model.encoder.global_embeddings.weight[:g].expand(2, -1, -1)
+        norm = getattr(encoder, "layernorm_embedding", None)
+        globals_ = norm(table) if norm is not None else table
+        hidden = torch.cat([globals_, captured["tokens"]], dim=1)
+        for layer in encoder.layers:
+            hidden = layer(hidden, additive_mask(key_mask, g))
+        if getattr(encoder, "layer_norm", None) is not None:
+            hidden = encoder.layer_norm(hidden)
+        decoded = plain.decoder(
+            input_ids=inputs["decoder_input_ids"],
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=torch.cat([torch.ones(2, g, dtype=torch.long), caller_mask], dim=1),
+        ).last_hidden_state
+        out = model(**inputs)
+    assert (out.encoder_last_hidden_state - hidden).abs().max().item() < 1e-5
+    assert (out.last_hidden_state - decoded).abs().max().item() < 1e-5
+    assert torch.equal(inputs["attention_mask"], caller_mask), "the caller's attention_mask was modified"
+
+
+@pytest.mark.parametrize("model_type", ["bart", "pegasus"])
+def test_seq2seq_without_global_tokens_for_the_decoder(model_type: str) -> None:
+    """pass_global_tokens_to_decoder=False: the encoder output has one row per token, row 0 from global 0."""
+    model = lsg_patch.to_lsg(
+        build(model_type, "Model"), max_length=MAX_LENGTH, pass_global_tokens_to_decoder=False, **LSG
+    )
+    reference = lsg_patch.to_lsg(build(model_type, "Model"), max_length=MAX_LENGTH, **LSG)
+    inputs = batch_inputs(model, "Model")
+    with torch.no_grad():
+        out = model(**inputs)
+        with_globals = reference.get_encoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    encoded = with_globals.last_hidden_state
+    g = LSG["num_global_tokens"]
+    assert out.encoder_last_hidden_state.shape[1] == LENGTH
+    assert torch.allclose(out.encoder_last_hidden_state, pooled_trim(encoded, g), atol=1e-6)
+    assert model.config.pass_global_tokens_to_decoder is False
+
+
+def test_albert_shared_layers_share_one_lsg_module() -> None:
+    model = lsg_patch.to_lsg(build("albert", "Model", num_hidden_layers=4), max_length=MAX_LENGTH, **LSG)
+    attention = model.encoder.albert_layer_groups[0].albert_layers[0].attention
+    assert type(attention).__name__ == "LSGAlbertAttention"
+    assert model.encoder.albert_layer_groups[0].albert_layers[0].attention is attention
+    assert len(model.encoder.albert_layer_groups) == 1
+
+
+@pytest.mark.parametrize("model_type", ["bart", "pegasus"])
+def test_seq2seq_position_tables_and_from_lsg(model_type: str) -> None:
+    model = build(model_type, "ForConditionalGeneration")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lsg_patch.to_lsg(model, max_length=MAX_LENGTH, **LSG)
+    offset = 2 if model_type == "bart" else 0
+    for side in ("encoder", "decoder"):
+        table = getattr(model.model, side).embed_positions.weight
+        old = original[f"model.{side}.embed_positions.weight"]
+        assert table.shape[0] == MAX_LENGTH + offset
+        if model_type == "pegasus":  # sinusoidal: regenerated, so the first rows are the original ones
+            assert torch.allclose(table[: old.shape[0]], old, atol=1e-6)
+        else:  # tiled after the offset rows
+            assert torch.equal(table[:offset], old[:offset])
+            assert torch.equal(table[offset + 64 : offset + 128], old[offset:])
+    assert model.config.max_position_embeddings == MAX_LENGTH
+    lsg_patch.from_lsg(model)
+    assert set(model.state_dict()) == set(original)
+    assert all(torch.allclose(model.state_dict()[k], v, atol=1e-6) for k, v in original.items())
+    assert model.config.max_position_embeddings == 64

@@ -1,0 +1,98 @@
+"""The public registry API: adding an architecture lsg_patch does not ship, and clear errors for wrong entries."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+import lsg_patch
+from lsg_patch import ArchitectureEntry
+
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, initializer_range=0.2)  # fmt: skip
+LSG = dict(block_size=8, sparse_block_size=8, sparsity_factor=2, num_global_tokens=2)
+ERNIE = ArchitectureEntry(
+    adapter="lsg_patch.families.bert:BertFamily",
+    self_attention="encoder.layer.*.attention.self",
+    position_embeddings="embeddings.position_embeddings",
+    word_embeddings="embeddings.word_embeddings",
+    token_type_embeddings="embeddings.token_type_embeddings",
+    description="ERNIE: the BERT layout",
+)
+
+
+def tiny(model_type: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **TINY)).eval()
+
+
+@pytest.fixture
+def ernie_registered():
+    assert "ernie" not in lsg_patch.supported_architectures(), "ernie is built in now: pick another test type"
+    lsg_patch.register("ernie", ERNIE)
+    yield
+    lsg_patch.unregister("ernie")
+
+
+def test_registered_architecture_is_patched_like_its_built_in_relative(ernie_registered) -> None:
+    """ERNIE without task types is BERT: with the same weights both patched models give the same outputs."""
+    ernie = tiny("ernie")
+    bert = tiny("bert")
+    bert.load_state_dict(ernie.state_dict(), strict=True)
+    ids = torch.randint(1, 99, (2, 75), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 50:] = 0
+    for model in (ernie, bert):
+        lsg_patch.to_lsg(model, max_length=128, bos_token_id=1, mask_token_id=2, **LSG)
+    assert set(ernie.state_dict()) == set(bert.state_dict())
+    assert torch.equal(ernie.embeddings.global_embeddings.weight, bert.embeddings.global_embeddings.weight)
+    with torch.no_grad():
+        got = ernie(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert got.shape == (2, 75, 32)
+    assert (got - expected).abs().max().item() < 1e-6
+    assert lsg_patch.is_lsg_model(ernie)
+    lsg_patch.from_lsg(ernie)
+    assert not lsg_patch.is_lsg_model(ernie)
+
+
+def test_registering_twice_needs_replace_existing(ernie_registered) -> None:
+    with pytest.raises(ValueError, match="'ernie' is already registered"):
+        lsg_patch.register("ernie", ERNIE)
+    lsg_patch.register("ernie", ERNIE, replace_existing=True)
+
+
+def test_wrong_adapter_path_fails_at_registration_naming_entry_and_path() -> None:
+    entry = lsg_patch.registry.with_changes(ERNIE, adapter="lsg_patch.families.nowhere:BertFamily")
+    with pytest.raises(ValueError, match=r"registry entry 'ernie': adapter path 'lsg_patch\.families\.nowhere:BertFamily'"):
+        lsg_patch.register("ernie", entry)
+    entry = lsg_patch.registry.with_changes(ERNIE, adapter="lsg_patch.families.bert:NoSuchFamily")
+    with pytest.raises(ValueError, match="NoSuchFamily"):
+        lsg_patch.register("ernie", entry)
+    assert "ernie" not in lsg_patch.supported_architectures()
+
+
+def test_wrong_module_path_fails_at_to_lsg_naming_entry_and_path_and_changes_nothing() -> None:
+    entry = lsg_patch.registry.with_changes(ERNIE, self_attention="encoder.layers.*.attention.self")
+    lsg_patch.register("ernie", entry)
+    try:
+        model = tiny("ernie")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"registry entry 'ernie': self_attention path 'encoder\.layers\.\*\.attention\.self'"):
+            lsg_patch.to_lsg(model, max_length=128, **LSG)
+        lsg_patch.register("ernie", lsg_patch.registry.with_changes(ERNIE, word_embeddings="embeddings.words"),
+                           replace_existing=True)  # fmt: skip
+        with pytest.raises(ValueError, match=r"registry entry 'ernie': word_embeddings path 'embeddings\.words'"):
+            lsg_patch.to_lsg(model, max_length=128, **LSG)
+    finally:
+        lsg_patch.unregister("ernie")
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not lsg_patch.is_lsg_model(model)
+
+
+def test_unregistered_type_is_refused_with_the_supported_list() -> None:
+    with pytest.raises(ValueError, match=r"model_type 'ernie' .* is not supported.*lsg_patch\.register\('ernie'"):
+        lsg_patch.to_lsg(tiny("ernie"), max_length=128)
+    with pytest.raises(KeyError, match="'ernie' is not registered"):
+        lsg_patch.unregister("ernie")
