@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..attention import lsg_attention
 from ..hooks import LSGHook
 from ..registry_paths import get_submodule
 from .base import LSGSelfAttention
@@ -32,27 +31,13 @@ class LSGAlbertAttention(LSGSelfAttention):
         super().__init__(original, layout)
         self.attention_dropout = original.attention_dropout
         self.output_dropout = original.output_dropout
-        self.attention_head_size = original.attention_head_size
+        self.head_size = original.attention_head_size
         self.scaling = original.scaling
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        encoder_mask = self.encoder_mask(attention_mask)
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, -1, self.attention_head_size)
-        query = self.query(hidden_states).view(shape).transpose(1, 2)
-        key = self.key(hidden_states).view(shape).transpose(1, 2)
-        value = self.value(hidden_states).view(shape).transpose(1, 2)
-        context = lsg_attention(
-            query,
-            key,
-            value,
-            encoder_mask.mask,
-            self.layout,
-            dropout_p=self.attention_dropout.p if self.training else 0.0,
-            scale=self.scaling,
-        )
-        projected = self.output_dropout(self.dense(context.transpose(1, 2).reshape(batch, length, -1)))
-        return self.LayerNorm(hidden_states + projected), None
+        projections = (self.query, self.key, self.value)
+        context = self.lsg_context(hidden_states, attention_mask, projections, self.attention_dropout.p)
+        return self.LayerNorm(hidden_states + self.output_dropout(self.dense(context))), None
 
 
 class MaskAsKeyword(LSGHook):

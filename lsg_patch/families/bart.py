@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..attention import lsg_attention, prepare_mask
+from ..attention import prepare_mask
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from .base import EncoderMask, FamilyAdapter, LengthCheck, LSGSelfAttention, block_padding, mask_first, token_mask_from
@@ -38,27 +38,13 @@ class LSGBartAttention(LSGSelfAttention):
 
     def __init__(self, original: nn.Module, layout: Any) -> None:
         super().__init__(original, layout)
-        self.head_dim = original.head_dim
+        self.head_size = original.head_dim
         self.scaling = original.scaling
         self.dropout = original.dropout  # a probability (float) in these families, not a module
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        encoder_mask = self.encoder_mask(attention_mask)
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        context = lsg_attention(
-            query,
-            key,
-            value,
-            encoder_mask.mask,
-            self.layout,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scaling,
-        )
-        return self.out_proj(context.transpose(1, 2).reshape(batch, length, -1)), None
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return self.out_proj(self.lsg_context(hidden_states, attention_mask, projections, self.dropout)), None
 
 
 class EncoderState:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..attention import AttentionLayout, LSGMask
+from ..attention import AttentionLayout, LSGMask, lsg_attention
 from ..hooks import LSGHook
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ class LSGSelfAttention(nn.Module, ABC):
     """
 
     projection_names: tuple[str, ...] = ()
+    head_size: int
+    scaling: float
+    is_causal: bool = False
 
     def __init__(self, original: nn.Module, layout: AttentionLayout) -> None:
         super().__init__()
@@ -54,14 +57,33 @@ class LSGSelfAttention(nn.Module, ABC):
         original.train(self.training)
         return original
 
-    @staticmethod
-    def encoder_mask(attention_mask: Any) -> EncoderMask:
+    def lsg_context(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Any,
+        projections: tuple[nn.Module, nn.Module, nn.Module],
+        dropout_p: float,
+    ) -> torch.Tensor:
+        """Project queries/keys/values, run LSG attention, merge the heads: (batch, length, heads * head_size)."""
         if not isinstance(attention_mask, EncoderMask):
             raise RuntimeError(
                 "this LSG attention module got a plain attention mask: it only runs inside the encoder that "
                 "lsg_patch.to_lsg patched (call the whole model, not a single layer)"
             )
-        return attention_mask
+        batch, length, _ = hidden_states.shape
+        shape = (batch, length, -1, self.head_size)
+        query, key, value = (project(hidden_states).view(shape).transpose(1, 2) for project in projections)
+        context = lsg_attention(
+            query,
+            key,
+            value,
+            attention_mask.mask,
+            self.layout,
+            dropout_p=dropout_p if self.training else 0.0,
+            causal=self.is_causal,
+            scale=self.scaling,
+        )
+        return context.transpose(1, 2).reshape(batch, length, -1)
 
 
 class FamilyAdapter(ABC):

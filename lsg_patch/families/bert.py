@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..attention import lsg_attention, prepare_mask
+from ..attention import prepare_mask
 from ..hooks import LSGHook
 from ..registry_paths import get_submodule
 from .base import EncoderMask, FamilyAdapter, LengthCheck, LSGSelfAttention, block_padding, mask_first, token_mask_from
@@ -29,31 +29,15 @@ class LSGBertSelfAttention(LSGSelfAttention):
     def __init__(self, original: nn.Module, layout: Any) -> None:
         super().__init__(original, layout)
         self.dropout = original.dropout
-        self.num_attention_heads = original.num_attention_heads
-        self.attention_head_size = original.attention_head_size
-        self.scaling = getattr(original, "scaling", self.attention_head_size**-0.5)
+        self.head_size = original.attention_head_size
+        self.scaling = getattr(original, "scaling", self.head_size**-0.5)
         self.is_causal = bool(getattr(original, "is_causal", False))
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: Any = None, past_key_values: Any = None, **kwargs: Any
     ) -> tuple[torch.Tensor, None]:
-        encoder_mask = self.encoder_mask(attention_mask)
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, -1, self.attention_head_size)
-        query = self.query(hidden_states).view(shape).transpose(1, 2)
-        key = self.key(hidden_states).view(shape).transpose(1, 2)
-        value = self.value(hidden_states).view(shape).transpose(1, 2)
-        context = lsg_attention(
-            query,
-            key,
-            value,
-            encoder_mask.mask,
-            self.layout,
-            dropout_p=self.dropout.p if self.training else 0.0,
-            causal=self.is_causal,
-            scale=self.scaling,
-        )
-        return context.transpose(1, 2).reshape(batch, length, -1), None
+        projections = (self.query, self.key, self.value)
+        return self.lsg_context(hidden_states, attention_mask, projections, self.dropout.p), None
 
 
 class BertFamily(FamilyAdapter):

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention import lsg_attention
 from .base import LSGSelfAttention
 from .bert import BertFamily
 
@@ -24,26 +23,12 @@ class LSGDistilBertAttention(LSGSelfAttention):
     def __init__(self, original: nn.Module, layout: Any) -> None:
         super().__init__(original, layout)
         self.dropout = original.dropout
-        self.attention_head_size = original.attention_head_size
+        self.head_size = original.attention_head_size
         self.scaling = original.scaling
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        encoder_mask = self.encoder_mask(attention_mask)
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, -1, self.attention_head_size)
-        query = self.q_lin(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_lin(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_lin(hidden_states).view(shape).transpose(1, 2)
-        context = lsg_attention(
-            query,
-            key,
-            value,
-            encoder_mask.mask,
-            self.layout,
-            dropout_p=self.dropout.p if self.training else 0.0,
-            scale=self.scaling,
-        )
-        return self.out_lin(context.transpose(1, 2).reshape(batch, length, -1)), None
+        projections = (self.q_lin, self.k_lin, self.v_lin)
+        return self.out_lin(self.lsg_context(hidden_states, attention_mask, projections, self.dropout.p)), None
 
 
 class DistilBertFamily(BertFamily):
