@@ -1,0 +1,359 @@
+"""`lsg-patch`: the public LSG converter's job from a shell, and a look inside checkpoints.
+
+    lsg-patch convert path/to/model out/dir --max-length 4096 --architecture RobertaForSequenceClassification \
+        --lsg '{"sparsity_type": "lsh", "block_size": 32}'
+    lsg-patch info out/dir
+
+Bad input ends the command with one line on stderr and exit status 1 (2 for unusable command-line syntax);
+the output folder is written under a temporary name next to it and moved in place only once complete.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import SPARSITY_TYPES, LSGConfig, option_names
+from .persistence import REFERENCE_CODE_PREFIX, check_checkpoint_folder, saved_settings, weight_names
+
+PROG = "lsg-patch"
+DEFAULT_MAX_LENGTH = 4096
+DEFAULT_STRIDE = 64
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # what could be a model id rather than a path
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+OPTION_HELP = {
+    "block_size": "local block size: each query block attends to its own and the two neighbouring key blocks",
+    "sparse_block_size": "number of sparse keys taken before and after the local window (0: no sparse keys)",
+    "sparsity_factor": "how many tokens the sparse selection reduces to one (block_size must be a multiple)",
+    "sparsity_type": "sparse key selection",
+    "num_global_tokens": "global tokens prepended to every input (1..512)",
+    "mask_first_token": "mask the first token (its role is taken by the first global token)",
+    "pool_with_global": "output the first global token in place of the first token (what poolers read)",
+    "adaptive": "pad inputs that are not a multiple of block_size (else such inputs raise)",
+    "lsh_num_pre_rounds": "pre-rounds of the lsh sparse selection",
+    "pass_global_tokens_to_decoder": "encoder-decoder models: let the decoder attend to the global tokens",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Convert checkpoints to LSG attention and inspect them.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    convert = commands.add_parser(
+        "convert", help="convert a model folder or id to its LSG variant and save it (model + tokenizer)",
+        description="Convert a checkpoint to LSG: extend positions, initialise global tokens, save. "
+        "LSG options may be given as flags or as a JSON object with --lsg (not both for one option).",
+    )  # fmt: skip
+    convert.add_argument("input", help="model folder (or hub id) to convert; a plain or an LSG checkpoint")
+    convert.add_argument("output", help="folder to write the LSG checkpoint to (must not exist unless --overwrite)")
+    convert.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                         help=f"number of tokens the converted model accepts (default {DEFAULT_MAX_LENGTH})")  # fmt: skip
+    convert.add_argument("--architecture", help="transformers class to load and save, e.g. BertForMaskedLM "
+                         "(an LSG name such as LSGBertForMaskedLM is accepted); default: the config's architecture")  # fmt: skip
+    convert.add_argument("--lsg", metavar="JSON", default=None,
+                         help='LSG options as a JSON object, e.g. \'{"sparsity_type": "lsh", "block_size": 32}\'')  # fmt: skip
+    group = convert.add_argument_group("LSG options (default: the reference defaults, or the input's own settings)")
+    for field in dataclasses.fields(LSGConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=OPTION_HELP[field.name])  # fmt: skip
+        elif field.name == "sparsity_type":
+            group.add_argument(flag, dest=field.name, choices=SPARSITY_TYPES, default=None,
+                               help=OPTION_HELP[field.name])  # fmt: skip
+        else:
+            group.add_argument(flag, dest=field.name, type=int, default=None, metavar="N", help=OPTION_HELP[field.name])
+    init = convert.add_argument_group("global tokens and positions")
+    init.add_argument("--random-global-init", action="store_true",
+                      help="draw global tokens from the word-embedding distribution instead of the mask token")  # fmt: skip
+    init.add_argument("--global-positional-stride", type=int, default=None, metavar="N",
+                      help=f"stride between the positions global tokens are seeded from (default {DEFAULT_STRIDE})")  # fmt: skip
+    init.add_argument("--keep-first-global-token", action="store_true",
+                      help="LSG input only: re-initialise the global tokens but keep the trained first one")  # fmt: skip
+    init.add_argument("--resize-lsg", action="store_true",
+                      help="LSG input only: only extend the positions (and change given options); keep all global tokens")  # fmt: skip
+    init.add_argument("--seed", type=int, default=0, help="seed of the random parts of the initialisation (default 0)")
+    convert.add_argument("--dtype", choices=DTYPES, default="auto",
+                         help="dtype to load and save the model in (default: auto, as saved)")  # fmt: skip
+    convert.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    info = commands.add_parser("info", help="tell whether a checkpoint folder is LSG and with what settings",
+                               description="Read a checkpoint folder's config and weight names (no weights are loaded).")  # fmt: skip
+    info.add_argument("path", help="checkpoint folder")
+    info.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            convert(args)
+        else:
+            info(args)
+    except (ValueError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{PROG}: error: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- convert ----------------------------------------------------------------------------------------------
+
+
+def lsg_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The LSG options given as flags and in --lsg, refusing an option given both ways and unknown names."""
+    flags = {name: getattr(args, name) for name in option_names() if getattr(args, name) is not None}
+    if args.lsg is None:
+        return flags
+    try:
+        parsed = json.loads(args.lsg)
+    except json.JSONDecodeError:
+        try:  # the reference's --model_kwargs accepted single quotes
+            parsed = json.loads(args.lsg.replace("'", '"'))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--lsg is not valid JSON ({error.msg} at character {error.pos}): {args.lsg}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--lsg must be a JSON object of LSG options, got {type(parsed).__name__}: {args.lsg}")
+    LSGConfig.from_kwargs(None, **{k: v for k, v in parsed.items() if k not in option_names()})  # unknown names raise
+    both = sorted(set(parsed) & set(flags))
+    if both:
+        raise ValueError(f"{both[0]} is given both in --lsg and as --{both[0].replace('_', '-')}; give it once")
+    return {**parsed, **flags}
+
+
+def convert(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .context import enabled
+    from .persistence import model_class_for
+    from .registry import entry_for
+    from .registry_paths import get_submodule
+    from .swap import from_lsg, to_lsg
+
+    hf_logging.disable_progress_bar()
+    options = lsg_options(args)
+    output = Path(args.output)
+    _check_input(args.input)
+    _check_output(Path(args.input), output, args.overwrite)
+    if isinstance(args.max_length, int) and args.max_length < 1:
+        raise ValueError(f"--max-length {args.max_length} is not accepted: give a positive number of tokens")
+    stride = DEFAULT_STRIDE if args.global_positional_stride is None else args.global_positional_stride
+
+    _say(f"reading {args.input}")
+    config = AutoConfig.from_pretrained(args.input, trust_remote_code=False)
+    saved = saved_settings(config)
+    settings = LSGConfig.from_kwargs(saved, **options)  # every option validated before any weight is read
+    _check_modes(args, saved is not None)
+    model_class = model_class_for(config, args.architecture)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+
+    kind = "LSG" if saved is not None else "plain"
+    _say(f"loading the {kind} {config.model_type} checkpoint as {model_class.__name__} (dtype {args.dtype})")
+    if saved is not None:
+        with enabled():
+            model = model_class.from_pretrained(args.input, dtype=dtype)
+    else:
+        model = model_class.from_pretrained(args.input, dtype=dtype)
+    tokenizer = _tokenizer(AutoTokenizer, args.input)
+    before = sum(p.numel() for p in model.parameters())
+    model_type, entry = entry_for(model)
+    base = getattr(model, "base_model", model)
+
+    if saved is not None and args.resize_lsg:
+        _say(f"resizing the LSG model to {args.max_length} tokens; global tokens kept")
+        to_lsg(model, max_length=args.max_length, **options)
+    else:
+        first = None
+        if saved is not None:
+            table = get_submodule(base, entry.global_embeddings_parent).global_embeddings.weight
+            first = table.detach()[0].clone() if args.keep_first_global_token else None
+            _say("re-initialising the global tokens of the LSG input" + (" (first one kept)" if first is not None else ""))
+            from_lsg(model)
+        _say(f"converting to LSG: max length {args.max_length}, {settings}")
+        to_lsg(model, max_length=args.max_length, tokenizer=tokenizer, global_positional_stride=stride,
+               random_global_init=args.random_global_init, seed=args.seed, **dataclasses.asdict(settings))  # fmt: skip
+        if first is not None:
+            with torch.no_grad():
+                get_submodule(base, entry.global_embeddings_parent).global_embeddings.weight[0] = first
+    after = sum(p.numel() for p in model.parameters())
+
+    _say(f"saving to {output}")
+    _save(model, tokenizer, args.max_length, output, args.overwrite)
+    print(f"{PROG}: done: {model_type} {type(model).__name__}, max length {args.max_length}, "
+          f"{after - before:+,} parameters ({before:,} -> {after:,}), {model.config.sparsity_type} sparsity, "
+          f"block {model.config.block_size}, {model.config.num_global_tokens} global token(s)"
+          + ("" if tokenizer is not None else "; no tokenizer found in the input, only the model was saved"))  # fmt: skip
+
+
+def _check_modes(args: argparse.Namespace, input_is_lsg: bool) -> None:
+    if not input_is_lsg:
+        for flag, given in (("--resize-lsg", args.resize_lsg), ("--keep-first-global-token", args.keep_first_global_token)):
+            if given:
+                raise ValueError(f"{flag} needs an LSG input, but {args.input} is a plain checkpoint")
+        return
+    if args.resize_lsg:
+        for flag, given in (
+            ("--keep-first-global-token", args.keep_first_global_token),
+            ("--random-global-init", args.random_global_init),
+            ("--global-positional-stride", args.global_positional_stride is not None),
+        ):
+            if given:
+                raise ValueError(f"{flag} has no effect with --resize-lsg, which keeps every global token; drop one of them")
+
+
+def _check_input(source: str) -> None:
+    if os.path.exists(source):
+        check_checkpoint_folder(source)
+    elif not HUB_ID.match(source):
+        raise ValueError(f"checkpoint folder {source!r} does not exist")
+
+
+def _check_output(source: Path, output: Path, overwrite: bool) -> None:
+    if output.exists() and source.exists() and output.resolve() == source.resolve():
+        raise ValueError(f"the output folder {str(output)!r} is the input folder; give another output folder")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"the output {str(output)!r} is a file, not a folder")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"the output folder {str(output)!r} already exists and is not empty; pass --overwrite to replace it")
+
+
+def _tokenizer(auto_tokenizer: Any, source: str) -> Any:
+    try:
+        return auto_tokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError, KeyError):  # no (usable) tokenizer files: the model is saved alone
+        return None
+
+
+def _save(model: Any, tokenizer: Any, max_length: int, output: Path, overwrite: bool) -> None:
+    """Write into a temporary folder next to `output`, then move it in place (nothing half-written is left)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the result should look like any saved model
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.model_max_length = max_length
+            tokenizer.init_kwargs["model_max_length"] = max_length
+            tokenizer.save_pretrained(staging)
+        if output.exists():
+            if not overwrite and any(output.iterdir()):
+                raise ValueError(f"the output folder {str(output)!r} appeared while converting; nothing was written")
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", flush=True)
+
+
+# --- info -------------------------------------------------------------------------------------------------
+
+
+def info(args: argparse.Namespace) -> None:
+    report = checkpoint_report(Path(args.path))
+    if args.json:
+        print(json.dumps(report, indent=None, sort_keys=True))
+        return
+    print(f"{args.path}: {report['model_type']} {', '.join(report['architectures']) or '(no architecture)'}")
+    if not report["is_lsg"]:
+        print("  plain checkpoint (no LSG settings)" + (f", {report['max_length']} positions" if report["max_length"] else ""))
+        return
+    print(f"  LSG checkpoint, saved by {report['saved_by']}; max length {report['max_length']}")
+    print(f"  settings: {', '.join(f'{k}={v}' for k, v in report['settings'].items())}")
+    print(f"  global table: {report['global_table_rows']} rows" if report["global_table_rows"] else "  global table: MISSING")
+
+
+def checkpoint_report(folder: Path) -> dict[str, Any]:
+    """What `info` prints: read from config.json and the weight files' headers (nothing is loaded or run)."""
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint folder {str(folder)!r} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{str(folder)!r} has no config.json: it is not a transformers checkpoint folder")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON: {error.msg} (line {error.lineno})") from None
+    config = argparse.Namespace(**raw)
+    settings = saved_settings(config)
+    shapes = _weight_shapes(folder)
+    report: dict[str, Any] = {
+        "path": str(folder),
+        "model_type": raw.get("model_type"),
+        "architectures": list(raw.get("architectures") or []),
+        "is_lsg": settings is not None,
+        "max_length": _max_length(raw.get("model_type"), shapes),
+        "has_weights": bool(shapes),
+    }
+    if settings is None:
+        return report
+    auto_map = raw.get("auto_map") or {}
+    by_reference = any(str(v).split("--")[-1].startswith(REFERENCE_CODE_PREFIX) for v in auto_map.values())
+    globals_ = [shape for name, shape in shapes.items() if name.endswith("global_embeddings.weight")]
+    report.update(
+        saved_by="the public LSG project" if by_reference else "lsg_patch" if "lsg_patch_note" in raw else "unknown",
+        settings=settings.config_entries(bool(raw.get("is_encoder_decoder"))),
+        global_table_rows=globals_[0][0] if globals_ else None,
+    )
+    return report
+
+
+def _weight_shapes(folder: Path) -> dict[str, list[int]]:
+    try:
+        names = weight_names(check_checkpoint_folder(folder))
+    except ValueError:
+        return {}
+    wanted = [n for n in names if n.endswith(("global_embeddings.weight", "position_embeddings.weight", "embed_positions.weight"))]
+    return {name: _shape(folder, name) for name in wanted}
+
+
+def _shape(folder: Path, name: str) -> list[int]:
+    index = folder / "model.safetensors.index.json"
+    file = folder / (json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors")
+    if file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.get_slice(name).get_shape())
+    import torch
+
+    bin_index = folder / "pytorch_model.bin.index.json"
+    file = folder / (json.loads(bin_index.read_text())["weight_map"][name] if bin_index.is_file() else "pytorch_model.bin")
+    return list(torch.load(file, map_location="meta", weights_only=True)[name].shape)
+
+
+def _max_length(model_type: Any, shapes: dict[str, list[int]]) -> int | None:
+    from .registry import supported_architectures
+
+    entry = supported_architectures().get(model_type)
+    if entry is None:
+        return None
+    for name, shape in shapes.items():
+        if name.endswith(entry.position_embeddings + ".weight"):
+            return shape[0] - entry.position_offset
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""`with lsg_patch.enabled(**overrides):` — every `from_pretrained` inside the block returns an LSG model.
+
+Rules (README "Loading inside enabled()"):
+* A checkpoint whose config carries LSG settings (saved by lsg_patch or by the public LSG project) is rebuilt
+  as saved: LSG attention is attached between model construction and weight loading, so transformers' own
+  loader fills the saved global table and full-length position tables (nothing is re-initialised or tiled).
+  LSG options given to `from_pretrained` itself (the LSG model cards' `num_global_tokens=16, block_size=64,
+  ...`) override the saved settings; the block's overrides do not apply to such checkpoints.
+* A plain checkpoint is converted with `to_lsg(model, **overrides)` when the block gives `max_length`, with
+  the block's options and then `from_pretrained`'s LSG options. Without `max_length` it is loaded unchanged
+  (logged), and LSG options passed to its `from_pretrained` raise.
+* `trust_remote_code=True` is accepted and replaced by False (logged once per block); code shipped with a
+  checkpoint is never imported while a block is open.
+
+Patches (wrapt) go on `PreTrainedModel.from_pretrained` — every Auto class ends there too —, on
+`PreTrainedModel._load_pretrained_model` (the seam between building and loading), and on transformers'
+`resolve_trust_remote_code` / `get_class_in_module`. They are installed when the first block opens and all
+removed when the last one closes, also when it raises; a transformers module imported meanwhile is cleaned too.
+
+Threads: the block's settings live in a `contextvars.ContextVar`. While any block is open the patches are in
+place process-wide, but they do nothing in threads (or contexts) that did not open a block themselves, so
+another thread's `from_pretrained` behaves exactly as plain transformers. asyncio tasks created inside a block
+inherit it. Nested blocks merge their options over the enclosing block's. Blocks of different threads may
+close in any order. Note that transformers' own from_pretrained is not safe to run in several threads at once
+(its model-init contexts, e.g. weight tying, are process-global); lsg_patch adds no such state.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import wrapt
+
+from .config import LSGConfig, option_names
+from .registry import entry_for
+from .persistence import attach_saved_lsg, drop_reference_code_map, saved_settings
+from .swap import is_lsg_model, to_lsg
+
+logger = logging.getLogger("lsg_patch")
+
+# to_lsg's keyword arguments besides the LSG options; they only matter when a plain checkpoint is converted.
+CONVERSION_OPTIONS = ("tokenizer", "bos_token_id", "mask_token_id", "global_positional_stride", "random_global_init", "seed")
+# Options the public LSG model cards pass to from_pretrained that are not LSGConfig fields.
+CARD_DROPOUT = "attention_probs_dropout_prob"
+
+
+@dataclass
+class _Session:
+    """State shared by a block and the blocks nested in it (so the remote-code note is logged once)."""
+
+    remote_code_noted: bool = False
+
+
+@dataclass(frozen=True)
+class _Block:
+    max_length: int | None
+    conversion: dict[str, Any]
+    lsg_options: dict[str, Any]
+    session: _Session
+
+
+@dataclass
+class _Load:
+    """One outermost from_pretrained call inside a block."""
+
+    block: _Block
+    model_class: type
+    lsg_kwargs: dict[str, Any]
+    seen: bool = False
+    rebuilt: bool = False
+
+
+_ACTIVE: contextvars.ContextVar[_Block | None] = contextvars.ContextVar("lsg_patch_enabled", default=None)
+_LOADING: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("lsg_patch_loading", default=None)
+_LOCK = threading.Lock()
+_OPEN_BLOCKS = 0
+_INSTALLED: list["_Patch"] = []
+
+
+@contextlib.contextmanager
+def enabled(max_length: int | None = None, **overrides: Any) -> Iterator[None]:
+    """Inside the block, `from_pretrained` of any transformers model returns an LSG model (see module docstring).
+
+    max_length: convert plain checkpoints to this length (without it they load unchanged).
+    overrides: LSG options (block_size, sparsity_type, ...) and to_lsg's conversion options (tokenizer,
+    bos_token_id, mask_token_id, global_positional_stride, random_global_init, seed) for plain checkpoints.
+    Unknown names and invalid values raise here, before anything is patched.
+    """
+    outer = _ACTIVE.get()
+    block = _new_block(max_length, overrides, outer)
+    _open()
+    token = _ACTIVE.set(block)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+        _close()
+
+
+def _new_block(max_length: Any, overrides: dict[str, Any], outer: _Block | None) -> _Block:
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length={max_length!r} is not accepted: give a positive integer, or None")
+    conversion = {k: v for k, v in overrides.items() if k in CONVERSION_OPTIONS}
+    lsg_options = {k: v for k, v in overrides.items() if k not in CONVERSION_OPTIONS}
+    check_lsg_options(lsg_options, extra=CONVERSION_OPTIONS + ("max_length",))
+    if outer is None:
+        return _Block(max_length, conversion, lsg_options, _Session())
+    return _Block(
+        max_length if max_length is not None else outer.max_length,
+        {**outer.conversion, **conversion},
+        {**outer.lsg_options, **lsg_options},
+        outer.session,
+    )
+
+
+def check_lsg_options(options: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    """Validate option names and values that may later be merged over other settings.
+
+    The two cross-field rules (block_size a multiple of sparsity_factor, mask_first_token needs
+    pool_with_global) are checked only when both fields are given; the merge is validated again when used.
+    """
+    known = option_names()
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        try:
+            LSGConfig.from_kwargs(None, **{unknown[0]: options[unknown[0]]})
+        except ValueError as error:
+            if extra:
+                raise ValueError(f"{error}, and {', '.join(extra)}") from None
+            raise
+    permissive: dict[str, Any] = {}
+    factor = options.get("sparsity_factor")
+    if "block_size" not in options and isinstance(factor, int) and not isinstance(factor, bool) and factor > 0:
+        permissive["block_size"] = factor
+    if "sparsity_factor" not in options:
+        permissive["sparsity_factor"] = 1
+    if "pool_with_global" not in options:
+        permissive["pool_with_global"] = True
+    LSGConfig.from_kwargs(None, **{**permissive, **options})
+
+
+def _open() -> None:
+    global _OPEN_BLOCKS
+    with _LOCK:
+        if _OPEN_BLOCKS == 0:
+            _install()
+        _OPEN_BLOCKS += 1
+
+
+def _close() -> None:
+    global _OPEN_BLOCKS
+    with _LOCK:
+        _OPEN_BLOCKS -= 1
+        if _OPEN_BLOCKS == 0:
+            _uninstall()
+
+
+# --- patches ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Patch:
+    """One attribute replaced by a wrapt wrapper; `original` is what the owner's __dict__ held."""
+
+    owner: Any
+    name: str
+    original: Any
+    wrapper: Any = field(default=None)
+
+
+def _install() -> None:
+    from transformers import PreTrainedModel, dynamic_module_utils
+
+    patches = [
+        _wrap_class_attribute(PreTrainedModel, "from_pretrained", _from_pretrained_wrapper),
+        _wrap_class_attribute(PreTrainedModel, "_load_pretrained_model", _load_wrapper),
+        _wrap_class_attribute(dynamic_module_utils, "get_class_in_module", _refuse_remote_code),
+    ]
+    resolve = dynamic_module_utils.resolve_trust_remote_code
+    wrapper = wrapt.FunctionWrapper(resolve, _trust_remote_code_wrapper)
+    for module in _transformers_modules():
+        if module.__dict__.get("resolve_trust_remote_code") is resolve:
+            patches.append(_Patch(module, "resolve_trust_remote_code", resolve, wrapper))
+            setattr(module, "resolve_trust_remote_code", wrapper)
+    _INSTALLED[:] = patches
+
+
+def _uninstall() -> None:
+    wrappers = {id(p.wrapper): p.original for p in _INSTALLED}
+    for patch in reversed(_INSTALLED):
+        if patch.owner.__dict__.get(patch.name) is patch.wrapper:
+            setattr(patch.owner, patch.name, patch.original)
+        else:
+            logger.warning("lsg_patch: %s.%s was replaced by someone else while a block was open; left as is",
+                           getattr(patch.owner, "__name__", patch.owner), patch.name)  # fmt: skip
+    # transformers modules imported while the block was open may have bound a wrapper: give them the original.
+    for module in _transformers_modules():
+        for name, value in list(module.__dict__.items()):
+            if id(value) in wrappers and isinstance(value, wrapt.FunctionWrapper):
+                setattr(module, name, wrappers[id(value)])
+    _INSTALLED.clear()
+
+
+def _wrap_class_attribute(owner: Any, name: str, function: Callable) -> _Patch:
+    original = owner.__dict__[name]
+    wrapt.wrap_function_wrapper(owner, name, function)
+    return _Patch(owner, name, original, owner.__dict__[name])
+
+
+def _transformers_modules() -> list[Any]:
+    return [m for n, m in list(sys.modules.items()) if m is not None and (n == "transformers" or n.startswith("transformers."))]
+
+
+# --- wrappers (they do nothing unless the calling context opened a block) ---------------------------------
+
+
+def _from_pretrained_wrapper(wrapped: Callable, model_class: Any, args: tuple, kwargs: dict) -> Any:
+    block = _ACTIVE.get()
+    if block is None or _LOADING.get() is not None:  # outside any block, or a load nested in one being handled
+        return wrapped(*args, **kwargs)
+    lsg_kwargs = {k: kwargs.pop(k) for k in option_names() if k in kwargs}
+    check_lsg_options(lsg_kwargs)
+    if kwargs.get("trust_remote_code"):
+        _note_remote_code(block)
+        kwargs["trust_remote_code"] = False
+    _absorb_card_dropout(model_class, kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    load = _Load(block, model_class, lsg_kwargs)
+    token = _LOADING.set(load)
+    try:
+        model, info = wrapped(*args, output_loading_info=True, **kwargs)
+    finally:
+        _LOADING.reset(token)
+    _finish(model, info, load)
+    return (model, info) if want_info else model
+
+
+def _load_wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    load = _LOADING.get()
+    if load is None or load.seen:
+        return wrapped(*args, **kwargs)
+    load.seen = True
+    model = args[0] if args else kwargs["model"]
+    saved = saved_settings(model.config)
+    if saved is not None:
+        lsg = LSGConfig.from_kwargs(saved, **load.lsg_kwargs)
+        if drop_reference_code_map(model.config):
+            logger.info("lsg_patch: dropped the config's auto_map (it points at the LSG project's code, never run)")
+        attach_saved_lsg(model, lsg)
+        load.rebuilt = True
+    elif load.block.max_length is None:
+        if load.lsg_kwargs:
+            raise ValueError(
+                f"from_pretrained got LSG options ({', '.join(sorted(load.lsg_kwargs))}) but "
+                f"{model.config._name_or_path or 'the checkpoint'} is a plain checkpoint and the lsg_patch.enabled() "
+                "block gives no max_length; use lsg_patch.enabled(max_length=...) to convert plain checkpoints"
+            )
+    else:  # validated now, before any weight is read
+        entry_for(model)
+        LSGConfig.from_kwargs(None, **{**load.block.lsg_options, **load.lsg_kwargs})
+    return wrapped(*args, **kwargs)
+
+
+def _finish(model: Any, info: dict[str, Any], load: _Load) -> None:
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    if load.rebuilt:
+        missing = [key for key in info.get("missing_keys", ()) if "global_embeddings" in key]
+        if missing:
+            raise ValueError(f"{name} has LSG settings but its weights lack {missing[0]}: the checkpoint is incomplete")
+        logger.info("lsg_patch: rebuilt %s as an LSG model from the saved settings", type(model).__name__)
+        return
+    if not load.seen and saved_settings(model.config) is not None:
+        raise RuntimeError(
+            f"lsg_patch could not attach LSG attention while loading {name} (this transformers version did not "
+            "load through PreTrainedModel._load_pretrained_model); the model would silently run without LSG"
+        )
+    if load.block.max_length is None:
+        logger.info("lsg_patch: %s is a plain checkpoint and enabled() got no max_length: loaded unchanged", name)
+        return
+    options = {**load.block.lsg_options, **load.lsg_kwargs}
+    to_lsg(model, max_length=load.block.max_length, **load.block.conversion, **options)
+    assert is_lsg_model(model)
+
+
+def _absorb_card_dropout(model_class: Any, kwargs: dict[str, Any]) -> None:
+    """The LSG model cards pass attention_probs_dropout_prob also for families whose config has no such
+    setting (BART), where the reference code ignored it: drop it there instead of failing in `__init__`."""
+    if CARD_DROPOUT not in kwargs:
+        return
+    from transformers import PreTrainedConfig
+
+    config = kwargs.get("config")
+    config_class = getattr(model_class, "config_class", None)
+    if isinstance(config, PreTrainedConfig):
+        has_setting = hasattr(config, CARD_DROPOUT)
+    else:
+        has_setting = config_class is None or hasattr(config_class(), CARD_DROPOUT)
+    if not has_setting:
+        value = kwargs.pop(CARD_DROPOUT)
+        logger.info("lsg_patch: %s=%r ignored: %s has no such setting", CARD_DROPOUT, value, model_class.__name__)
+
+
+def _trust_remote_code_wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    block = _ACTIVE.get()
+    if block is None:
+        return wrapped(*args, **kwargs)
+    trust, name, has_local_code, has_remote_code = _resolve_arguments(*args, **kwargs)
+    if not trust:
+        return wrapped(*args, **kwargs)
+    _note_remote_code(block)
+    if has_remote_code and not has_local_code:
+        raise ValueError(
+            f"{name} can only be loaded with its own code, and lsg_patch.enabled() never runs code from a checkpoint; "
+            "lsg_patch rebuilds LSG checkpoints of supported model types with transformers' classes"
+        )
+    return False
+
+
+def _resolve_arguments(
+    trust_remote_code: Any, model_name: Any, has_local_code: bool, has_remote_code: bool, *rest: Any, **kwargs: Any
+) -> tuple[Any, Any, bool, bool]:
+    return trust_remote_code, model_name, has_local_code, has_remote_code
+
+
+def _refuse_remote_code(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    if _ACTIVE.get() is None:
+        return wrapped(*args, **kwargs)
+    raise RuntimeError("lsg_patch.enabled() refuses to import code shipped with a checkpoint (no remote code is run)")
+
+
+def _note_remote_code(block: _Block) -> None:
+    if not block.session.remote_code_noted:
+        block.session.remote_code_noted = True
+        logger.warning(
+            "lsg_patch.enabled(): trust_remote_code=True is ignored; no code from the checkpoint is run, "
+            "LSG is applied by lsg_patch to transformers' own classes"
+        )

@@ -1,0 +1,175 @@
+"""Rebuilding LSG models from checkpoints: those saved by lsg_patch and those saved by the public LSG project.
+
+A saved LSG checkpoint already holds position tables at full length and a trained 512-row global table, so
+rebuilding must neither tile positions nor initialise global tokens: `attach_saved_lsg` swaps in the LSG
+attention and hooks on a freshly built (usually still meta-device) plain model and adds an *empty* global
+table for transformers' own loader to fill. `lsg_patch.enabled()` calls it between model construction and
+weight loading; `from_pretrained` below is the one-call version of that.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import LSGConfig, has_lsg_settings
+from .families.base import LSGSelfAttention
+from .global_tokens import GLOBAL_TABLE_ROWS
+from .registry import entry_for
+from .registry_paths import find_modules, get_submodule
+from .swap import PatchRecord, _apply, _base_model, _check_paths, _Plan, is_lsg_model
+
+logger = logging.getLogger("lsg_patch")
+
+REFERENCE_CODE_PREFIX = "modeling_lsg_"  # auto_map entries of the public LSG project point at these files
+LSG_CLASS_PREFIX = "LSG"  # reference class names: LSGBertForMaskedLM is BertForMaskedLM with LSG attention
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def saved_settings(model_config: Any) -> LSGConfig | None:
+    """The LSG settings a checkpoint config carries (validated), or None for a plain checkpoint."""
+    if not has_lsg_settings(model_config):
+        return None
+    try:
+        return LSGConfig.from_model_config(model_config)
+    except ValueError as error:
+        name = getattr(model_config, "_name_or_path", "") or "this checkpoint"
+        raise ValueError(f"the LSG settings in the config of {name} are invalid: {error}") from None
+
+
+def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
+    """Make a freshly built plain model LSG at its current length, before its weights are loaded.
+
+    The global table is created uninitialised (on the model's device, meta included): its values must come
+    from the checkpoint. Position tables are left as they are (already at the saved length).
+    """
+    model_type, entry = entry_for(model)
+    base = _base_model(model)
+    if is_lsg_model(model):
+        raise ValueError(f"this {type(model).__name__} is already an LSG model")
+    _check_paths(model_type, entry, base)
+    adapter = entry.adapter_instance(model_type)
+    table = get_submodule(base, entry.position_embeddings)
+    max_length = table.weight.shape[0] - entry.position_offset
+    words = get_submodule(base, entry.word_embeddings).weight
+    global_table = nn.Embedding(GLOBAL_TABLE_ROWS, words.shape[1], device=words.device, dtype=words.dtype)
+    global_table.weight.requires_grad_(words.requires_grad)
+    swaps = []
+    replaced: dict[int, nn.Module] = {}
+    for parent, name, module in find_modules(base, entry.self_attention):
+        if isinstance(module, LSGSelfAttention):
+            raise ValueError(f"{type(model).__name__} already holds LSG attention modules")
+        if id(module) not in replaced:  # layers that share one module (ALBERT) share one LSG module
+            replaced[id(module)] = adapter.attention_class(module, lsg.layout)
+        swaps.append((parent, name, replaced[id(module)]))
+    record = PatchRecord(model_type, lsg, max_length, None, None)
+    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table.train(base.training), swaps, record),
+           model.config)  # fmt: skip
+    return model
+
+
+def drop_reference_code_map(model_config: Any) -> bool:
+    """Remove an `auto_map` that points at the public LSG project's modeling files; True if one was removed.
+
+    lsg_patch never runs that code and does not copy it, so a re-saved checkpoint must not point at it.
+    """
+    auto_map = getattr(model_config, "auto_map", None)
+    if isinstance(auto_map, dict) and auto_map and all(
+        str(ref).split("--")[-1].startswith(REFERENCE_CODE_PREFIX) for ref in auto_map.values()
+    ):
+        del model_config.auto_map
+        return True
+    return False
+
+
+def model_class_for(model_config: Any, architecture: str | None = None) -> type:
+    """The transformers class to load: `architecture` if given, else the config's first architecture; a
+    reference name such as LSGBertForMaskedLM maps to BertForMaskedLM; with neither, the Auto base class."""
+    import transformers
+
+    name = architecture or next(iter(getattr(model_config, "architectures", None) or []), None)
+    if name is None:
+        return transformers.AutoModel
+    plain = name[len(LSG_CLASS_PREFIX) :] if name.startswith(LSG_CLASS_PREFIX) else name
+    heads = head_classes(model_config)
+    if plain not in heads:
+        listed = ", ".join(sorted(heads)) or "none"
+        raise ValueError(
+            f"architecture {name!r} is not a transformers class for model_type {model_config.model_type!r}; "
+            f"accepted: {listed}"
+        )
+    return getattr(transformers, plain)
+
+
+def head_classes(model_config: Any) -> set[str]:
+    """Every transformers model class name registered for the config's model_type (all Auto mappings)."""
+    from transformers.models.auto import modeling_auto
+
+    names = set()
+    for attribute in dir(modeling_auto):
+        mapping = getattr(modeling_auto, attribute)
+        if attribute.startswith("MODEL_") and attribute.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            value = mapping.get(model_config.model_type)
+            if isinstance(value, str):
+                names.add(value)
+            elif isinstance(value, (tuple, list)):
+                names.update(v for v in value if isinstance(v, str))
+    import transformers
+
+    return {name for name in names if hasattr(transformers, name)}
+
+
+def from_pretrained(path: str | os.PathLike, *model_args: Any, architecture: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a checkpoint as an LSG model with no remote code: lsg_patch or reference LSG checkpoints are rebuilt
+    as saved; the class is `architecture`, else the config's (LSGBertForMaskedLM -> BertForMaskedLM).
+
+    Keyword arguments go to `from_pretrained` as inside `lsg_patch.enabled()` (LSG options override the
+    saved ones). A plain checkpoint raises: convert it with `to_lsg` or `enabled(max_length=...)`.
+    """
+    from transformers import AutoConfig
+
+    from .context import enabled
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if not has_lsg_settings(config):
+        raise ValueError(
+            f"{path} is not an LSG checkpoint (its config has no block_size / sparsity_type / num_global_tokens); "
+            "convert it with lsg_patch.to_lsg(model, max_length=...) or load it inside lsg_patch.enabled(max_length=...)"
+        )
+    model_class = model_class_for(config, architecture)
+    kwargs.pop("trust_remote_code", None)
+    with enabled():
+        return model_class.from_pretrained(path, *model_args, **kwargs)
+
+
+def check_checkpoint_folder(path: str | os.PathLike) -> Path:
+    """A local checkpoint folder with a config.json and weights, or a ValueError saying what is missing."""
+    folder = Path(path)
+    if not folder.exists():
+        raise ValueError(f"checkpoint folder {str(folder)!r} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is a file, not a checkpoint folder")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{str(folder)!r} has no config.json: it is not a transformers checkpoint folder")
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ValueError(f"{str(folder)!r} holds no model weights (looked for {', '.join(WEIGHT_FILES)})")
+    return folder
+
+
+def weight_names(folder: Path) -> list[str]:
+    """The parameter names stored in a checkpoint folder, read from file headers and indexes only."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).is_file():
+            return sorted(json.loads((folder / index).read_text())["weight_map"])
+    if (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            return sorted(handle.keys())
+    import torch
+
+    return sorted(torch.load(folder / "pytorch_model.bin", map_location="meta", weights_only=True))
