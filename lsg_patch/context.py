@@ -38,8 +38,8 @@ import wrapt
 
 from .config import LSGConfig, option_names
 from .registry import entry_for
-from .persistence import attach_saved_lsg, drop_reference_code_map, saved_settings
-from .swap import is_lsg_model, to_lsg
+from .persistence import drop_reference_code_map, saved_settings
+from .swap import attach_saved_lsg, is_lsg_model, to_lsg
 
 logger = logging.getLogger("lsg_patch")
 

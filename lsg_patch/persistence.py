@@ -1,7 +1,7 @@
 """Rebuilding LSG models from checkpoints: those saved by lsg_patch and those saved by the public LSG project.
 
 A saved LSG checkpoint already holds position tables at full length and a trained 512-row global table, so
-rebuilding must neither tile positions nor initialise global tokens: `attach_saved_lsg` swaps in the LSG
+rebuilding must neither tile positions nor initialise global tokens: `swap.attach_saved_lsg` swaps in the LSG
 attention and hooks on a freshly built (usually still meta-device) plain model and adds an *empty* global
 table for transformers' own loader to fill. `lsg_patch.enabled()` calls it between model construction and
 weight loading; `from_pretrained` below is the one-call version of that.
@@ -17,11 +17,6 @@ from typing import Any
 from torch import nn
 
 from .config import LSGConfig, has_lsg_settings
-from .families.base import LSGSelfAttention
-from .global_tokens import GLOBAL_TABLE_ROWS
-from .registry import entry_for
-from .registry_paths import find_modules, get_submodule
-from .swap import PatchRecord, _apply, _base_model, _check_paths, _Plan, is_lsg_model
 
 logger = logging.getLogger("lsg_patch")
 
@@ -39,37 +34,6 @@ def saved_settings(model_config: Any) -> LSGConfig | None:
     except ValueError as error:
         name = getattr(model_config, "_name_or_path", "") or "this checkpoint"
         raise ValueError(f"the LSG settings in the config of {name} are invalid: {error}") from None
-
-
-def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
-    """Make a freshly built plain model LSG at its current length, before its weights are loaded.
-
-    The global table is created uninitialised (on the model's device, meta included): its values must come
-    from the checkpoint. Position tables are left as they are (already at the saved length).
-    """
-    model_type, entry = entry_for(model)
-    base = _base_model(model)
-    if is_lsg_model(model):
-        raise ValueError(f"this {type(model).__name__} is already an LSG model")
-    _check_paths(model_type, entry, base)
-    adapter = entry.adapter_instance(model_type)
-    table = get_submodule(base, entry.position_embeddings)
-    max_length = table.weight.shape[0] - entry.position_offset
-    words = get_submodule(base, entry.word_embeddings).weight
-    global_table = nn.Embedding(GLOBAL_TABLE_ROWS, words.shape[1], device=words.device, dtype=words.dtype)
-    global_table.weight.requires_grad_(words.requires_grad)
-    swaps = []
-    replaced: dict[int, nn.Module] = {}
-    for parent, name, module in find_modules(base, entry.self_attention):
-        if isinstance(module, LSGSelfAttention):
-            raise ValueError(f"{type(model).__name__} already holds LSG attention modules")
-        if id(module) not in replaced:  # layers that share one module (ALBERT) share one LSG module
-            replaced[id(module)] = adapter.attention_class(module, lsg.layout)
-        swaps.append((parent, name, replaced[id(module)]))
-    record = PatchRecord(model_type, lsg, max_length, None, None)
-    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table.train(base.training), swaps, record),
-           model.config)  # fmt: skip
-    return model
 
 
 def drop_reference_code_map(model_config: Any) -> bool:

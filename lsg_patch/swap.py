@@ -166,13 +166,7 @@ def _plan(
             random_global_init, seed,
         )  # fmt: skip
 
-    swaps = []
-    replaced: dict[int, nn.Module] = {}
-    for parent, name, module in find_modules(base, entry.self_attention):
-        if id(module) not in replaced:  # layers that share one module (ALBERT) share one LSG module
-            original = module.restore() if isinstance(module, LSGSelfAttention) and already else module
-            replaced[id(module)] = adapter.attention_class(original, lsg.layout)
-        swaps.append((parent, name, replaced[id(module)]))
+    swaps = _attention_swaps(base, entry, adapter, lsg)
 
     previous: PatchRecord | None = getattr(base, "_lsg_patch", None)
     record = PatchRecord(
@@ -185,6 +179,47 @@ def _plan(
         ),
     )
     return _Plan(base, entry, adapter, lsg, max_length, position_weights, global_table, swaps, record)
+
+
+def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
+    """Make a freshly built plain model LSG at its current length, before its weights are loaded.
+
+    Used when loading a saved LSG checkpoint: the global table is created uninitialised (on the model's
+    device, meta included) because its values come from the checkpoint, and the position tables are
+    left as they are (already at the saved length).
+    """
+    model_type, entry = entry_for(model)
+    base = _base_model(model)
+    if is_lsg_model(model):
+        raise ValueError(f"this {type(model).__name__} is already an LSG model")
+    _check_paths(model_type, entry, base)
+    adapter = entry.adapter_instance(model_type)
+    max_length = get_submodule(base, entry.position_embeddings).weight.shape[0] - entry.position_offset
+    words = get_submodule(base, entry.word_embeddings).weight
+    global_table = nn.Embedding(GLOBAL_TABLE_ROWS, words.shape[1], device=words.device, dtype=words.dtype)
+    global_table.weight.requires_grad_(words.requires_grad)
+    swaps = _attention_swaps(base, entry, adapter, lsg)
+    record = PatchRecord(model_type, lsg, max_length, None, None)
+    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table.train(base.training), swaps, record),
+           model.config)  # fmt: skip
+    return model
+
+
+def _attention_swaps(
+    base: nn.Module, entry: ArchitectureEntry, adapter: FamilyAdapter, lsg: LSGConfig
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, new LSG module) for every self-attention module; nothing is assigned yet.
+
+    Layers that share one module (ALBERT) share one LSG module; an LSG module is rebuilt from its original.
+    """
+    swaps = []
+    replaced: dict[int, nn.Module] = {}
+    for parent, name, module in find_modules(base, entry.self_attention):
+        if id(module) not in replaced:
+            original = module.restore() if isinstance(module, LSGSelfAttention) else module
+            replaced[id(module)] = adapter.attention_class(original, lsg.layout)
+        swaps.append((parent, name, replaced[id(module)]))
+    return swaps
 
 
 def _apply(plan: _Plan, config: Any) -> None:
