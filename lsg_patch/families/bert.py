@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..attention import prepare_mask
@@ -81,12 +82,12 @@ class BertEncoderInput(LSGHook):
                 "LSG attention keeps no key/value cache: call the model (or generate) with use_cache=False"
             )
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        batch, length, width = hidden.shape
+        batch, length, _ = hidden.shape
         token_mask = token_mask_from(kwargs.get("attention_mask"), batch, length, hidden.device)
         padding = block_padding(length, self.lsg)
-        if padding:
-            hidden = torch.cat([hidden, hidden.new_zeros(batch, padding, width)], dim=1)
-            token_mask = torch.cat([token_mask, token_mask.new_zeros(batch, padding)], dim=1)
+        if padding:  # F.pad, not cat with a new (batch, padding) tensor: no shape specialisation under compile
+            hidden = F.pad(hidden, (0, 0, 0, padding))
+            token_mask = F.pad(token_mask, (0, padding), value=False)
         if self.lsg.mask_first_token:
             token_mask = mask_first(token_mask)
         globals_ = self.global_rows(self.lsg.num_global_tokens, batch).to(hidden.dtype)
