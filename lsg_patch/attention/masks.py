@@ -5,9 +5,11 @@ The key set of token query block i (LSG_SPEC.md section 6) is laid out as
 (the sparse windows only if the layout has sparse keys). Order does not change a softmax; this one makes the
 causal key set a prefix (globals, before window, previous and current block).
 
-Each key is addressed in a per-layer "source" sequence: the G + T keys of the layer, followed by the S sparse
-items for item types (norm, pooling, bos_pooling, lsh). Position types (sparsity_factor 1, stride,
-block_stride) address tokens directly. Positions outside the sequence point at source 0 and are masked.
+The attention product splits that key set in two: the local window (3 blocks of tokens, a strided view of the
+keys, never gathered) and the "side" keys (globals and sparse windows, gathered per layer). Side keys are
+addressed in a per-layer source sequence: for item types (norm, pooling, bos_pooling, lsh) the G globals
+followed by the S sparse items; otherwise the G + T keys of the layer (position types, sparsity_factor 1,
+stride, block_stride, address tokens directly). Positions outside the sequence point at source 0 and are masked.
 """
 from __future__ import annotations
 
@@ -16,25 +18,29 @@ from dataclasses import dataclass
 import torch
 
 from .layout import AttentionLayout
-from .sparse import POSITION_KINDS, group_mask, sparse_kind, sparse_step, sparse_token_positions
+from .sparse import ITEM_KINDS, POSITION_KINDS, group_mask, sparse_kind, sparse_step, sparse_token_positions
 
 
 @dataclass(frozen=True)
 class LSGMask:
-    """Masks and key index of one forward pass (build it with `prepare_mask`).
+    """Masks and side-key index of one forward pass (build it with `prepare_mask`).
 
     tokens: (batch, T) bool, True = the token may be attended.
     full:   (batch, 1, 1, G + T) bool, key mask of the global queries and of the full-attention path.
-    index:  (R, B, K) long, source position of every key of every block's key set; head h uses row h % R
-            (R = sparsity_factor for stride/block_stride, else 1). None on the full-attention path.
-    blocks: (batch, R, B, K) bool, mask of those keys. For norm and lsh, whose item masks depend on the keys,
+    index:  (R, B, Ks) long, source position of every side key (globals, sparse windows) of every block; head h
+            uses row h % R (R = sparsity_factor for stride/block_stride, else 1). None on the full-attention path.
+    blocks: (batch, R, B, Ks) bool, mask of those keys. For norm and lsh, whose item masks depend on the keys,
             it only says which window positions exist; the product adds the item masks per layer.
+    local:  (batch, B, 3 * bs) bool, mask of the local window, tokens (i-1)*bs .. (i+2)*bs of block i.
+    any_masked: whether any token is masked; when not, the product skips every mask that only padding needs.
     """
 
     tokens: torch.Tensor
     full: torch.Tensor
     index: torch.Tensor | None
     blocks: torch.Tensor | None
+    local: torch.Tensor | None = None
+    any_masked: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -53,14 +59,29 @@ def prepare_mask(token_mask: torch.Tensor, layout: AttentionLayout) -> LSGMask:
                         f"with shape {tuple(token_mask.shape)}")
     n, t = token_mask.shape
     full = torch.cat([token_mask.new_ones(n, layout.num_global_tokens), token_mask], dim=1)
+    # A data-dependent shortcut: eager mode skips padding-only masks when nothing is padded; under
+    # torch.compile it would break the graph (and specialise on the batch), so compiled code keeps the masks.
+    any_masked = torch.compiler.is_compiling() or not bool(token_mask.all())
     if layout.uses_full_attention(t):
-        return LSGMask(token_mask, full[:, None, None], None, None)
+        return LSGMask(token_mask, full[:, None, None], None, None, any_masked=any_masked)
     if t % layout.block_size:
         raise ValueError(f"{t} tokens is not a multiple of block_size={layout.block_size}; LSG attention needs "
                          "inputs longer than 2 blocks padded to whole blocks (adaptive padding)")
     index, exists = block_key_index(layout, t, token_mask.device)
     blocks = _source_mask(full, layout)[:, index] & exists
-    return LSGMask(token_mask, full[:, None, None], index, blocks)
+    local = local_columns(layout)
+    side = torch.cat([torch.arange(local.start, device=index.device),
+                      torch.arange(local.stop, index.shape[-1], device=index.device)])
+    side_index = index[..., side]
+    if sparse_kind(layout) in ITEM_KINDS:  # items follow the globals directly in the side source
+        side_index = torch.where(side_index >= layout.num_global_tokens + t, side_index - t, side_index)
+    return LSGMask(token_mask, full[:, None, None], side_index, blocks[..., side], blocks[:, 0, :, local], any_masked)
+
+
+def local_columns(layout: AttentionLayout) -> slice:
+    """Where the 3 * bs local keys sit in a block's key set (after the globals and the before window)."""
+    start = layout.num_global_tokens + layout.sparse_block_size * layout.has_sparse_keys
+    return slice(start, start + 3 * layout.block_size)
 
 
 def block_key_index(layout: AttentionLayout, num_tokens: int, device: torch.device | None = None
@@ -96,11 +117,6 @@ def sparse_windows(layout: AttentionLayout, num_blocks: int, device: torch.devic
     before = (block - 1) * step - sbs + offsets
     after = (block + 2) * step - 2 * (step % 2) + offsets
     return before, after
-
-
-def causal_key_count(layout: AttentionLayout) -> int:
-    """Length of the causal key-set prefix: globals, the before window, the previous and the current block."""
-    return layout.num_global_tokens + layout.sparse_block_size * layout.has_sparse_keys + 2 * layout.block_size
 
 
 def _residues(layout: AttentionLayout) -> int:

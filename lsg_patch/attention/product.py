@@ -1,18 +1,37 @@
 """The LSG attention product (LSG_SPEC.md section 6) over bare tensors.
 
-Token queries are cut into blocks of block_size; every block attends to its own key set (globals, sparse
-windows, the three local blocks; layout in `masks`). The key sets of all blocks are gathered once per layer
-into a (batch, heads * blocks, K, d) tensor and the blocks are folded into the batch dimension of a single
-`scaled_dot_product_attention` call with a boolean mask; global queries take one more, full, call.
+Token queries are cut into blocks of block_size, folded into the batch of flash-attention calls
+(batch * heads, blocks, block_size, d). Every block attends to its own key set, in two parts:
+
+* the local window, tokens (i-1)*bs .. (i+2)*bs: a strided view of one zero-padded copy of the keys;
+* the side keys, globals and sparse windows: gathered once per layer straight from the keys (position types,
+  norm) or from the pooled items, the only per-block copy.
+
+Without dropout, `_BlockAttention` runs both parts through the CPU flash-attention kernel and merges them
+through their logsumexp, straight into an output laid out as (batch, G + T, heads, d) (merging the heads
+afterwards is free); global queries (G of them) take one more flash call. Its backward reuses the kernel's
+backward with the merged output and logsumexp, which is the exact gradient of one softmax over the union of
+both parts, and sums the window and side gradients into one gradient per input, in the input's own layout,
+without index buffers or zero-filled intermediates. With dropout, plain autograd runs the same key sets through
+`scaled_dot_product_attention` (both parts concatenated), checkpointed so its probabilities are recomputed in
+the backward instead of kept.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from .layout import AttentionLayout
-from .masks import LSGMask, causal_key_count
-from .sparse import ITEM_KINDS, sparse_items, sparse_kind
+from .masks import LSGMask, local_columns
+from .sparse import ITEM_KINDS, norm_positions, sparse_items, sparse_kind
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
@@ -32,100 +51,297 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     if query.shape[-2] != g + t:
         raise ValueError(f"expected {g} global + {t} token rows, got {query.shape[-2]}")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    full_mask = mask.full if mask.any_masked else None
     if mask.index is None:
-        return _full_attention(query, key, value, mask, g, causal, dropout_p, scale)
-    global_rows = _global_rows(query[:, :, :g], key, value, mask, g, causal, dropout_p, scale)
-    token_rows = _block_rows(query, key, value, mask, layout, causal, dropout_p, scale)
-    return torch.cat([global_rows, token_rows], dim=2)
+        return _full_attention(query, key, value, full_mask, g, causal, dropout_p, scale)
+    n, h = query.shape[:2]
+    side_keys, side_values, rows, side_mask = _side_sources(query, key, value, mask, layout, causal, scale)
+    width = (2 if causal else 3) * layout.block_size
+    local_mask = mask.local[:, None, :, None, :width]
+    if causal:
+        local_mask = local_mask & _causal_pattern(layout.block_size, width, query.device)
+    plan = _Plan(g, layout.block_size, width, scale, rows, _folded(_additive(local_mask, query.dtype), n, h),
+                 _folded(_additive(side_mask, query.dtype), n, h),
+                 None if causal or full_mask is None else _additive(full_mask, query.dtype), causal)
+    if dropout_p == 0:
+        return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
+    if torch.is_grad_enabled():
+        # SDPA with dropout keeps every block's probabilities and dropout mask for the backward (about 3x the
+        # training memory of the dropout-free path); recomputing them there, under the same random state,
+        # costs one more attention forward and keeps only the inputs.
+        return checkpoint(_dropout_attention, query, key, value, side_keys, side_values, plan, dropout_p,
+                          use_reentrant=False, preserve_rng_state=True)
+    return _dropout_attention(query, key, value, side_keys, side_values, plan, dropout_p)
 
 
-def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask, g: int,
-                    causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
-    """Plain attention over all G + T keys (short inputs)."""
-    attn_mask = mask.full
+def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
+                    g: int, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
+    """Plain attention over all G + T keys (short inputs); attn_mask None = nothing masked."""
     if causal:
         length = key.shape[-2]
         rows = torch.arange(length, device=key.device)[:, None]
         cols = torch.arange(length, device=key.device)
-        attn_mask = attn_mask & ((cols < g) | ((rows >= g) & (cols <= rows)))
+        pattern = (cols < g) | ((rows >= g) & (cols <= rows))
+        attn_mask = pattern if attn_mask is None else attn_mask & pattern
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           scale=scale)
 
 
-def _global_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask, g: int,
-                 causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
-    """Global queries: all keys, or only the global keys when causal."""
-    if causal:
-        return F.scaled_dot_product_attention(query, key[:, :, :g], value[:, :, :g], dropout_p=dropout_p,
-                                              scale=scale)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask.full, dropout_p=dropout_p,
-                                          scale=scale)
+@dataclass(frozen=True)
+class _Plan:
+    """What the block attention of one layer needs besides the tensors it differentiates.
 
-
-def _block_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
-                layout: AttentionLayout, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
-    """Token queries, block by block, in one SDPA call over (batch, heads * blocks)."""
-    n, h, _, d = query.shape
-    index, blocks = _key_sets(mask, layout, h, causal)
-    if sparse_kind(layout) in ITEM_KINDS:
-        key, value, blocks = _append_sparse_items(query, key, value, mask, layout, index, blocks, scale)
-    num_blocks = index.shape[1]
-    attn_mask = blocks.expand(n, h, -1, -1).reshape(n, h * num_blocks, 1, -1)
-    if causal:
-        attn_mask = attn_mask & _causal_pattern(layout.block_size, attn_mask.shape[-1], query.device)
-    out = F.scaled_dot_product_attention(
-        query[:, :, layout.num_global_tokens:].reshape(n, h * num_blocks, layout.block_size, d),
-        _gather_blocks(key, index).flatten(1, 2),
-        _gather_blocks(value, index).flatten(1, 2),
-        attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
-    return out.view(n, h, -1, d)
-
-
-def _key_sets(mask: LSGMask, layout: AttentionLayout, heads: int, causal: bool
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key index (1 or heads, B, K) and block mask (batch, 1 or heads, B, K) of this call.
-
-    Causal calls keep the prefix of the key set (globals, before window, previous and current block); per-head
-    patterns (stride types) are spread over the heads.
+    rows: (batch or 1, heads or 1, B * Ks) source row of every side key. local_mask / side_mask: additive masks
+    of the folded (batch * heads, B, bs, keys) calls. global_mask: additive (batch, 1, 1, G + T) key mask of the
+    global queries, None when nothing is masked.
     """
+
+    num_global: int
+    block_size: int
+    width: int
+    scale: float
+    rows: torch.Tensor
+    local_mask: torch.Tensor
+    side_mask: torch.Tensor
+    global_mask: torch.Tensor | None
+    causal: bool
+
+    def global_keys(self, length: int) -> int:
+        """How many keys the global queries see: the globals when causal, else all."""
+        return self.num_global if self.causal else length
+
+
+def _side_sources(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
+                  layout: AttentionLayout, causal: bool, scale: float
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Where the side keys (globals, sparse windows) of every block come from.
+
+    Returns the side key/value sources (None: the keys/values themselves), the source row of every side key
+    (batch or 1, heads or 1, B * Ks), and their mask (batch, 1 or heads, B, 1, Ks). Causal calls keep the
+    globals and the before window only.
+    """
+    n, h, _, _ = query.shape
+    g, kind = layout.num_global_tokens, sparse_kind(layout)
     index, blocks = mask.index, mask.blocks
     if causal:
-        width = causal_key_count(layout)
+        width = local_columns(layout).start
         index, blocks = index[..., :width], blocks[..., :width]
-    if index.shape[0] > 1:
-        pattern = torch.arange(heads, device=index.device) % index.shape[0]
+    if index.shape[0] > 1:  # per-head patterns (stride types): spread over the heads
+        pattern = torch.arange(h, device=index.device) % index.shape[0]
         index, blocks = index[pattern], blocks[:, pattern]
-    return index, blocks
+    rows = index.flatten(1)[None]
+    side_keys = side_values = None
+    if kind == "norm":  # items are picked keys: address them in the keys directly
+        positions = norm_positions(key[:, :, g:], mask.tokens if mask.any_masked else None, layout)
+        globals_ = torch.arange(g, device=key.device).expand(n, h, g)
+        rows = torch.cat([globals_, positions + g], dim=-1).index_select(-1, rows.flatten())
+        if mask.any_masked:
+            allowed = mask.full.view(n, 1, -1).expand(n, h, -1).gather(-1, rows)
+            blocks = blocks & allowed.view(n, h, *index.shape[1:])
+    elif kind in ITEM_KINDS:
+        items = sparse_items(query[:, :, g], key[:, :, g:], value[:, :, g:], mask.tokens, layout, scale)
+        side_keys, side_values = (torch.cat([x[:, :, :g], y], dim=2)
+                                  for x, y in ((key, items.keys), (value, items.values)))
+        if items.mask is not None:
+            allowed = torch.cat([items.mask.new_ones(n, h, g), items.mask], dim=-1).gather(
+                -1, rows.expand(n, h, -1))
+            blocks = blocks & allowed.view(n, h, *index.shape[1:])
+    return side_keys, side_values, rows, blocks[:, :, :, None]
 
 
-def _append_sparse_items(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
-                         layout: AttentionLayout, index: torch.Tensor, blocks: torch.Tensor, scale: float
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys and values followed by this layer's sparse items (where `index` expects them), and the block
-    mask with the items' own masks where those depend on the keys (norm, lsh)."""
-    g = layout.num_global_tokens
-    items = sparse_items(query[:, :, g], key[:, :, g:], value[:, :, g:], mask.tokens, layout, scale)
-    if items.mask is not None:
-        source = torch.cat([mask.full.squeeze(2).expand(-1, key.shape[1], -1), items.mask], dim=-1)
-        blocks = blocks & _gather_blocks(source, index)
-    return torch.cat([key, items.keys], dim=2), torch.cat([value, items.values], dim=2), blocks
+def _take(source: torch.Tensor, rows: torch.Tensor, blocks: int) -> torch.Tensor:
+    """source (batch, heads, L, d) at rows (batch or 1, heads or 1, B * Ks): (batch * heads, B, Ks, d); no autograd.
 
-
-def _gather_blocks(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """source (batch, heads, L, ...) taken at index (1 or heads, B, K): (batch, heads, B, K, ...), one copy.
-
-    A head-independent index takes index_select, whose backward (index_add) is cheaper than advanced indexing's.
+    Reads whole d-rows of the source's storage with index_select (several times faster than gather, which
+    goes element by element), whatever the order of its batch, head and sequence dimensions.
     """
-    if index.shape[0] == 1:
-        taken = source.index_select(2, index.flatten())
+    n, h, _, d = source.shape
+    if torch.compiler.is_compiling() or not _rows_addressable(source):  # compiled code cannot sort strides
+        source = source.contiguous()
+    strides = [stride if size > 1 else 0 for size, stride in zip(source.shape[:3], source.stride()[:3])]
+    s_n, s_h, s_l = (s // d for s in strides)
+    base = (torch.arange(n, device=rows.device)[:, None, None] * s_n
+            + torch.arange(h, device=rows.device)[:, None] * s_h)
+    offsets = torch.add(base, rows, alpha=s_l).flatten()
+    storage_rows = source.as_strided((source.numel() // d, d), (d, 1))
+    return storage_rows.index_select(0, offsets).view(n * h, blocks, -1, d)
+
+
+def _rows_addressable(source: torch.Tensor) -> bool:
+    """Whether every d-row of `source` is one contiguous row of its dense storage, whatever the dimension order."""
+    d = source.shape[-1]
+    strides = [stride for size, stride in zip(source.shape[:3], source.stride()[:3]) if size > 1]
+    dense = source.permute(sorted(range(4), key=lambda i: -source.stride(i))).is_contiguous()
+    return source.stride(-1) == 1 and not any(s % d for s in strides) and dense
+
+
+def _gather(source: torch.Tensor, rows: torch.Tensor, blocks: int) -> torch.Tensor:
+    """`_take` for autograd (the dropout path): gather, whose backward is one scatter_add."""
+    n, h, _, d = source.shape
+    return source.gather(2, rows[..., None].expand(n, h, -1, d)).view(n * h, blocks, -1, d)
+
+
+def _windows(tokens_after: torch.Tensor, num_global: int, block_size: int, width: int) -> torch.Tensor:
+    """(batch, heads, G + T, d) -> (batch * heads, B, width, d): block i sees tokens (i-1)*bs .. (i-1)*bs + width.
+
+    One zero-padded copy of the keys; the overlapping windows are a view of it. Positions before token 0 are
+    masked, so when G <= bs the globals serve as (part of) the leading padding.
+    """
+    n, h, length, d = tokens_after.shape
+    g, bs = num_global, block_size
+    lead = bs - g if g <= bs else bs
+    source = tokens_after if g <= bs else tokens_after[:, :, g:]
+    zero = source.new_zeros(())  # expanded, not filled: cat writes the padding itself
+    padded = torch.cat([zero.expand(n, h, lead, d), source, zero.expand(n, h, bs, d)], dim=2)
+    windows = padded.unfold(2, width, bs)[:, :, :(length - g) // bs]
+    return windows.transpose(-1, -2).flatten(0, 1)
+
+
+def _global_probs(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Attention probabilities (batch, heads, G, keys) of the G global queries, from their logsumexp."""
+    scores = query[:, :, :plan.num_global] @ key[:, :, :plan.global_keys(key.shape[2])].transpose(-1, -2)
+    scores = scores * plan.scale
+    if plan.global_mask is not None:
+        scores = scores + plan.global_mask
+    return scores.sub_(lse.unsqueeze(-1)).exp_()
+
+
+def _fold_windows(grad: torch.Tensor, extra: torch.Tensor, into: torch.Tensor, plan: _Plan) -> None:
+    """Write `into` (batch, heads, G + T, d): `extra` (batch, heads, G or G + T, d) plus, on the token rows, the
+    sum of the window gradients (batch * heads, B, width, d) that cover each token: block j is slab 1 of window
+    j, slab 0 of window j + 1 and (non-causal) slab 2 of window j - 1."""
+    n, h = into.shape[:2]
+    g, bs = plan.num_global, plan.block_size
+    slabs = grad.unflatten(0, (n, h)).unflatten(3, (-1, bs))
+    tokens = into[:, :, g:].unflatten(2, (-1, bs))
+    into[:, :, :g] = extra[:, :, :g]
+    if extra.shape[2] > g:
+        torch.add(slabs[:, :, :, 1], extra[:, :, g:].unflatten(2, (-1, bs)), out=tokens)
     else:
-        heads = torch.arange(source.shape[1], device=source.device)[:, None]
-        taken = source[:, heads, index.flatten(1)]
-    return taken.view(*taken.shape[:2], *index.shape[1:], *taken.shape[3:])
+        tokens.copy_(slabs[:, :, :, 1])
+    tokens[:, :, :-1] += slabs[:, :, 1:, 0]
+    if slabs.shape[3] > 2:
+        tokens[:, :, 1:] += slabs[:, :, :-1, 2]
+
+
+class _BlockAttention(torch.autograd.Function):
+    """LSG attention without dropout: (batch, heads, G + T, d), laid out as (batch, G + T, heads, d).
+
+    side_keys / side_values: where the side keys are gathered from (None: key / value themselves). Masks are
+    additive; every token row keeps at least one side key (the globals). Forward: the local and side parts
+    from two flash-attention calls, out = lerp(out_side, out_local, sigmoid(lse_local - lse_side)).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                side_keys: torch.Tensor | None, side_values: torch.Tensor | None, plan: _Plan) -> torch.Tensor:
+        n, h, length, d = query.shape
+        g, bs = plan.num_global, plan.block_size
+        blocks = (length - g) // bs
+        queries = query[:, :, g:].reshape(n * h, blocks, bs, d)
+        # one part at a time, so that only one part's key set is alive at once
+        local_keys, local_values = (_windows(x, g, bs, plan.width) for x in (key, value))
+        out_a, lse_a = _flash(queries, local_keys, local_values, attn_mask=plan.local_mask, scale=plan.scale)
+        del local_keys, local_values
+        side_k = _take(key if side_keys is None else side_keys, plan.rows, blocks)
+        side_v = _take(value if side_values is None else side_values, plan.rows, blocks)
+        out_b, lse_b = _flash(queries, side_k, side_v, attn_mask=plan.side_mask, scale=plan.scale)
+        del side_k, side_v
+        out = torch.empty_like(query)
+        keys = plan.global_keys(length)
+        out[:, :, :g], lse_g = _flash(query[:, :, :g], key[:, :, :keys], value[:, :, :keys],
+                                      attn_mask=plan.global_mask, scale=plan.scale)
+        weight = torch.sigmoid(lse_a - lse_b).unsqueeze(-1).to(out.dtype)
+        out[:, :, g:].unflatten(2, (blocks, bs)).copy_(  # not lerp(out=...): compiled code needs contiguous out=
+            torch.lerp(out_b.unflatten(0, (n, h)), out_a.unflatten(0, (n, h)), weight.unflatten(0, (n, h))))
+        # the key sets are rebuilt in the backward rather than kept: peak memory stays that of the inputs
+        ctx.save_for_backward(query, key, value, side_keys, side_values, out, lse_a, lse_b, lse_g)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        query, key, value, side_keys, side_values, out, lse_a, lse_b, lse_g = ctx.saved_tensors
+        plan = ctx.plan
+        n, h, length, d = query.shape
+        g, bs, keys = plan.num_global, plan.block_size, plan.global_keys(length)
+        blocks = (length - g) // bs
+        lse = torch.logaddexp(lse_a, lse_b)
+        queries = query[:, :, g:].reshape(n * h, blocks, bs, d)
+        grad_tokens = grad_out[:, :, g:].reshape(queries.shape)
+        out_tokens = out[:, :, g:].reshape(queries.shape)
+        dquery, dkey, dvalue = (torch.empty_like(x) for x in (query, key, value))
+        grad_global = grad_out[:, :, :g]
+        probs = _global_probs(query, key, lse_g, plan)
+        dprobs = grad_global @ value[:, :, :keys].transpose(-1, -2)
+        dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)) * plan.scale
+        dquery[:, :, :g] = dscores @ key[:, :, :keys]
+        # one part at a time, rebuilding its key set, so that only one part's buffers are alive at once
+        local_keys, local_values = (_windows(x, g, bs, plan.width) for x in (key, value))
+        dq_tokens, dk_a, dv_a = _flash_backward(grad_tokens, queries, local_keys, local_values, out_tokens, lse,
+                                                0.0, False, attn_mask=plan.local_mask, scale=plan.scale)
+        del local_keys, local_values
+        _fold_windows(dk_a, dscores.transpose(-1, -2) @ query[:, :, :g], dkey, plan)
+        _fold_windows(dv_a, probs.transpose(-1, -2) @ grad_global, dvalue, plan)
+        del dk_a, dv_a
+        side_k = _take(key if side_keys is None else side_keys, plan.rows, blocks)
+        side_v = _take(value if side_values is None else side_values, plan.rows, blocks)
+        dq_b, dk_b, dv_b = _flash_backward(grad_tokens, queries, side_k, side_v, out_tokens, lse, 0.0, False,
+                                           attn_mask=plan.side_mask, scale=plan.scale)
+        del side_k, side_v
+        torch.add(dq_tokens.unflatten(0, (n, h)), dq_b.unflatten(0, (n, h)),
+                  out=dquery[:, :, g:].unflatten(2, (-1, bs)))
+        # the kernel lays its side gradients out as (N, Ks, B, d): scatter them in that order, without a copy
+        rows = plan.rows.unflatten(-1, (blocks, -1)).transpose(-1, -2).flatten(-2)[..., None].expand(n, h, -1, d)
+        side_grads = []
+        for source, full, side_grad in ((side_keys, dkey, dk_b), (side_values, dvalue, dv_b)):
+            target = full if source is None else torch.zeros_like(source)
+            target.scatter_add_(2, rows, side_grad.transpose(1, 2).reshape(n, h, -1, d))
+            side_grads.append(None if source is None else target)
+        return dquery, dkey, dvalue, side_grads[0], side_grads[1], None
+
+
+def _dropout_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, side_keys: torch.Tensor | None,
+                       side_values: torch.Tensor | None, plan: _Plan, dropout_p: float) -> torch.Tensor:
+    """The same attention with dropout on the probabilities, through plain autograd: one SDPA call for the
+    global queries, one over the concatenated local and side keys for the token blocks."""
+    n, h, length, d = query.shape
+    g, bs = plan.num_global, plan.block_size
+    blocks, keys = (length - g) // bs, plan.global_keys(length)
+    global_rows = F.scaled_dot_product_attention(query[:, :, :g], key[:, :, :keys], value[:, :, :keys],
+                                                 attn_mask=plan.global_mask, dropout_p=dropout_p, scale=plan.scale)
+    keys_, values_ = (torch.cat([_windows(x, g, bs, plan.width), _gather(x if s is None else s, plan.rows, blocks)],
+                                dim=2) for x, s in ((key, side_keys), (value, side_values)))
+    token_rows = F.scaled_dot_product_attention(
+        query[:, :, g:].reshape(n * h, blocks, bs, d), keys_, values_,
+        attn_mask=_cat_masks(plan.local_mask, plan.side_mask), dropout_p=dropout_p, scale=plan.scale)
+    return torch.cat([global_rows, token_rows.reshape(n, h, -1, d)], dim=2)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as an additive one. Masked scores get the dtype's lowest finite value rather than -inf: a row
+    with no key left in one part then gets a finite logsumexp that gives it weight 0 in the merge (the kernel
+    reports 0 for an all -inf row)."""
+    added = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return added.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def _folded(mask: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """(batch, 1 or heads, ...) mask of a call whose batch folds (batch * heads): broadcastable, not copied
+    where batch is 1."""
+    if batch == 1:
+        return mask.flatten(0, 1)
+    return mask.expand(batch, heads, *mask.shape[2:]).flatten(0, 1)
+
+
+def _cat_masks(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Two additive masks side by side along the key dimension, broadcast to a common shape first."""
+    shape = torch.broadcast_shapes(first.shape[:-1], second.shape[:-1])
+    return torch.cat([first.expand(*shape, -1), second.expand(*shape, -1)], dim=-1)
 
 
 def _causal_pattern(block_size: int, width: int, device: torch.device) -> torch.Tensor:
-    """(block_size, width) bool: every key of the causal prefix, except current-block keys after the query."""
-    pattern = torch.ones(block_size, width, dtype=torch.bool, device=device)
-    pattern[:, width - block_size:] = torch.ones(block_size, block_size, dtype=torch.bool, device=device).tril()
-    return pattern
+    """(block_size, width) bool: the previous block, and the current block's keys up to the query."""
+    rows = torch.arange(block_size, device=device)[:, None]
+    return torch.arange(width, device=device) <= rows + width - block_size

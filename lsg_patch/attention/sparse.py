@@ -1,13 +1,15 @@
 """The sparse keys of LSG attention (LSG_SPEC.md section 7), as pure tensor functions.
 
 Every sparsity type turns the T token keys/values of one layer into S = T / sparsity_factor "sparse items"
-in token order. Two families exist:
+in token order. Three families exist:
 
 * position types ("raw" for sparsity_factor 1, "stride", "block_stride") only pick token positions, which
   depend on the layout and the head alone. They are never materialised: `sparse_token_positions` gives the
   positions and the block key index of `prepare_mask` points straight at the tokens.
-* item types ("norm", "pooling", "bos_pooling", "lsh") compute new key/value vectors every layer
-  (`sparse_items`), appended behind the G + T keys by the attention product.
+* "norm" picks token positions too, but per layer and head, from the keys (`norm_positions`); the attention
+  product gathers the picked keys straight into the blocks' key sets.
+* item types ("pooling", "bos_pooling", "lsh") compute new key/value vectors every layer (`sparse_items`),
+  placed behind the global keys by the attention product.
 
 Shapes: keys/values (batch, heads, T, d); token_mask (batch, T) bool, True = may be attended.
 """
@@ -27,7 +29,7 @@ ITEM_KINDS = frozenset({"norm", "pooling", "bos_pooling", "lsh"})
 class SparseItems(NamedTuple):
     """Sparse key/value items (batch, heads, S, d) and their mask.
 
-    `mask` is (batch, heads, S) bool for types whose mask depends on the keys (norm, lsh), and None where it
+    `mask` is (batch, heads, S) bool for types whose mask depends on the keys (lsh), and None where it
     depends on token positions only (pooling, bos_pooling): `prepare_mask` has then already put it into the
     block mask, once per forward pass.
     """
@@ -97,14 +99,12 @@ def sparse_token_positions(layout: AttentionLayout, num_tokens: int, device: tor
 
 def sparse_items(query_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  token_mask: torch.Tensor, layout: AttentionLayout, scale: float) -> SparseItems:
-    """Compute the sparse items of an item type (see the module docstring).
+    """Compute the sparse items of pooling, bos_pooling or lsh (see the module docstring).
 
     query_first (batch, heads, d) is the query of token 0, used by bos_pooling; scale is the score scale of
     the attention product, reused for bos_pooling's scores.
     """
     kind = sparse_kind(layout)
-    if kind == "norm":
-        return norm_items(keys, values, token_mask, layout)
     if kind == "pooling":
         return mean_pooling_items(keys, values, token_mask, layout.sparsity_factor)
     if kind == "bos_pooling":
@@ -114,23 +114,21 @@ def sparse_items(query_first: torch.Tensor, keys: torch.Tensor, values: torch.Te
     raise ValueError(f"sparsity kind {kind!r} has no sparse items")
 
 
-def norm_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
-               layout: AttentionLayout) -> SparseItems:
-    """In every chunk of c tokens the c / sf keys of largest norm (masked tokens count as norm 0).
+def norm_positions(keys: torch.Tensor, token_mask: torch.Tensor | None, layout: AttentionLayout) -> torch.Tensor:
+    """(batch, heads, S) token positions of the norm items.
 
-    Within a chunk the chosen keys are in ascending norm order, as in the reference; their mask comes along,
-    so a chosen padded token stays masked. The choice is not differentiated.
+    In every chunk of c tokens the c / sf keys of largest norm, in ascending norm order within the chunk, as in
+    the reference. Masked tokens count as norm 0 (token_mask None: nothing is masked); a chosen padded token
+    stays masked (the caller takes its mask along). Not differentiated.
     """
     c = chunk_size(layout)
     per_chunk = c // layout.sparsity_factor
-    n, h, t, d = keys.shape
-    norms = keys.detach().norm(dim=-1).masked_fill(~token_mask[:, None], 0)
+    t = keys.shape[2]
+    norms = keys.detach().norm(dim=-1)
+    if token_mask is not None:
+        norms = norms.masked_fill(~token_mask[:, None], 0)
     order = norms.unflatten(-1, (t // c, c)).argsort(dim=-1, stable=True)[..., c - per_chunk:]
-    chunk_start = torch.arange(0, t, c, device=keys.device)[:, None]
-    index = (order + chunk_start).flatten(-2)
-    rows = index[..., None].expand(-1, -1, -1, d)
-    mask = token_mask[:, None].expand(n, h, t).gather(-1, index)
-    return SparseItems(keys.gather(2, rows), values.gather(2, rows), mask)
+    return (order + torch.arange(0, t, c, device=keys.device)[:, None]).flatten(-2)
 
 
 def mean_pooling_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
