@@ -108,11 +108,20 @@ def _bart_like(
     )
 
 
+# Entries shared by several model types (frozen dataclasses, so sharing is safe).
+_ROBERTA_LIKE = _bert_like(
+    2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS
+)
+_BART_LIKE = _bart_like(
+    "lsg_patch.families.bart:BartFamily", 2, False, _SEQ2SEQ_HEADS,
+    "encoder self-attention; encoder and decoder learned positions tiled after the 2 offset rows",
+)  # fmt: skip
+
 _REGISTRY: dict[str, ArchitectureEntry] = {
     "bert": _bert_like(0, True, "encoder self-attention; learned positions tiled", _BERT_CLASS_HEADS),
-    "roberta": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS),
-    "camembert": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS),
-    "xlm-roberta": _bert_like(2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS),
+    "roberta": _ROBERTA_LIKE,
+    "camembert": _ROBERTA_LIKE,
+    "xlm-roberta": _ROBERTA_LIKE,
     "electra": _bert_like(0, True, "encoder self-attention; learned positions tiled; globals at embedding_size"),
     "albert": ArchitectureEntry(
         adapter="lsg_patch.families.albert:AlbertFamily",
@@ -139,14 +148,8 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
             "ForMultipleChoice",
         ),
     ),
-    "bart": _bart_like(
-        "lsg_patch.families.bart:BartFamily", 2, False, _SEQ2SEQ_HEADS,
-        "encoder self-attention; encoder and decoder learned positions tiled after the 2 offset rows",
-    ),  # fmt: skip
-    "mbart": _bart_like(
-        "lsg_patch.families.bart:BartFamily", 2, False, _SEQ2SEQ_HEADS,
-        "encoder self-attention; encoder and decoder learned positions tiled after the 2 offset rows",
-    ),  # fmt: skip
+    "bart": _BART_LIKE,
+    "mbart": _BART_LIKE,
     "pegasus": _bart_like(
         "lsg_patch.families.bart:PegasusFamily", 0, True, _SEQ2SEQ_HEADS[:2],
         "encoder self-attention; encoder and decoder sinusoidal tables regenerated",

@@ -195,13 +195,10 @@ def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
     _check_paths(model_type, entry, base)
     adapter = entry.adapter_instance(model_type)
     max_length = get_submodule(base, entry.position_embeddings).weight.shape[0] - entry.position_offset
-    words = get_submodule(base, entry.word_embeddings).weight
-    global_table = nn.Embedding(GLOBAL_TABLE_ROWS, words.shape[1], device=words.device, dtype=words.dtype)
-    global_table.weight.requires_grad_(words.requires_grad)
+    global_table = _empty_global_table(get_submodule(base, entry.word_embeddings).weight, base.training)
     swaps = _attention_swaps(base, entry, adapter, lsg)
     record = PatchRecord(model_type, lsg, max_length, None, None)
-    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table.train(base.training), swaps, record),
-           model.config)  # fmt: skip
+    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table, swaps, record), model.config)
     return model
 
 
@@ -266,11 +263,17 @@ def _initial_global_embeddings(
     init = GlobalInit(seeds.bos_token_id, seeds.mask_token_id, stride, random_global_init, seed)
     weight = initial_global_table(positions, words, token_type, init)
     logger.info("global tokens seeded from %s (bos id %s, mask id %s)", seeds.source, init.bos_token_id, init.mask_token_id)
-    embedding = nn.Embedding(GLOBAL_TABLE_ROWS, words.shape[1], device=words.device, dtype=words.dtype)
+    embedding = _empty_global_table(words, base.training)
     with torch.no_grad():
         embedding.weight.copy_(weight)
+    return embedding
+
+
+def _empty_global_table(words: torch.Tensor, training: bool) -> nn.Embedding:
+    """The 512-row global table beside the word embeddings: same width, device, dtype and trainability."""
+    embedding = nn.Embedding(GLOBAL_TABLE_ROWS, words.shape[1], device=words.device, dtype=words.dtype)
     embedding.weight.requires_grad_(words.requires_grad)
-    return embedding.train(base.training)
+    return embedding.train(training)
 
 
 def _check_paths(model_type: str, entry: ArchitectureEntry, base: nn.Module) -> None:
