@@ -3,7 +3,7 @@
 
 A "useful score" is a query-key pair the LSG product has to evaluate: every global query against all G + T
 keys, and every token query of block i against the G globals, the sparse windows' items that exist and the
-local tokens [(i-1)*bs, (i+2)*bs) that exist. The count is derived here from the layout alone (LSG_SPEC.md
+local tokens [(i-1)*bs, (i+2)*bs) that exist. The count is derived here from the layout alone (docs/LSG_SPEC.md
 sections 6 and 7), independently of lsg_patch's own index tensors. Dense SDPA at 512 and 1024 tokens evaluates
 L * L scores. Both run in the same process, on the same head count and head size.
 

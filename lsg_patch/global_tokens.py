@@ -2,7 +2,7 @@
 
 Global tokens start as a spread of the model's own position vectors (every `stride`-th position
 first) plus the word vector of the BOS/CLS token (row 0) or of the mask token (other rows), so
-that a converted model behaves sensibly before any fine-tuning (LSG_SPEC.md section 9).
+that a converted model behaves sensibly before any fine-tuning (docs/LSG_SPEC.md section 9).
 """
 from __future__ import annotations
 

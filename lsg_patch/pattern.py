@@ -103,7 +103,7 @@ def pattern_figure(config_or_model: Any, length: int, *, head: int = 0) -> Any:
 
 
 def _token_block_pattern(layout: AttentionLayout, num_tokens: int, head: int) -> torch.Tensor:
-    """(B, T) key kinds over the tokens for each token query block (LSG_SPEC.md sections 6 and 7)."""
+    """(B, T) key kinds over the tokens for each token query block (docs/LSG_SPEC.md sections 6 and 7)."""
     bs, num_blocks = layout.block_size, num_tokens // layout.block_size
     blocks = torch.full((num_blocks, num_tokens), NOT_ATTENDED, dtype=torch.uint8)
     kind = sparse_kind(layout)

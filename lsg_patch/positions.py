@@ -1,6 +1,6 @@
 """Growing position tables in place: tiling learned tables (keeping offset rows) and sinusoidal ones.
 
-LSG extrapolates a pretrained model by repeating its learned positions end to end (LSG_SPEC.md
+LSG extrapolates a pretrained model by repeating its learned positions end to end (docs/LSG_SPEC.md
 section 9). The first `offset` rows of RoBERTa- and BART-like tables are not positions (padding
 and legacy rows) and stay where they are.
 """

@@ -137,7 +137,7 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
         ),
     ),
     "distilbert": ArchitectureEntry(
-        adapter="lsg_patch.families.distilbert:DistilBertFamily",
+        adapter="lsg_patch.families.bert:BertFamily",  # same hooks, on `transformer`
         self_attention="transformer.layer.*.attention",
         position_embeddings="embeddings.position_embeddings",
         word_embeddings="embeddings.word_embeddings",

@@ -1,7 +1,9 @@
-"""to_lsg / from_lsg: validate everything, build every new tensor and module, then apply.
+"""to_lsg / from_lsg: validate everything, build every new tensor, then apply.
 
 Nothing on the model changes until the plan is complete, so a bad argument or an unexpected model
-layout raises with the model exactly as it was. Applying the plan is only attribute assignments.
+layout raises with the model exactly as it was. Applying the plan is only attribute assignments: the
+position tables, the global table, the "lsg" attention implementation selected for the converted
+self-attention modules (which keep their class and parameters), and the family's forward hooks.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import torch
 from torch import nn
 
 from .config import LSGConfig, option_names
-from .families.base import FamilyAdapter, LSGSelfAttention
+from . import seam
+from .families.base import FamilyAdapter
 from .global_tokens import GLOBAL_TABLE_ROWS, GlobalInit, check_positional_stride, initial_global_table
 from .hooks import has_lsg_hooks, remove_lsg_hooks
 from .positions import replace_embedding_weight, resize_index_buffers, sinusoidal_table, tiled_table
@@ -52,7 +55,7 @@ class _Plan:
     max_length: int
     position_weights: dict[str, torch.Tensor]
     global_table: nn.Embedding | None
-    attention_swaps: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    attention_modules: list[nn.Module] = field(default_factory=list)
     record: PatchRecord | None = None
 
 
@@ -85,17 +88,16 @@ def to_lsg(
 
 
 def from_lsg(model: nn.Module) -> nn.Module:
-    """Give back the original attention modules, drop the global tokens and LSG settings, and shrink the
-    position table to its original size (when lsg_patch made the conversion in this process)."""
+    """Give the attention modules back their previous implementation, drop the global tokens and LSG settings,
+    and shrink the position table to its original size (when lsg_patch made the conversion in this process)."""
     model_type, entry = entry_for(model)
     base = _base_model(model)
     if not is_lsg_model(model):
         raise ValueError(f"this {type(model).__name__} is not an LSG model: there is nothing for from_lsg to undo")
     record: PatchRecord | None = getattr(base, "_lsg_patch", None)
     remove_lsg_hooks(base)
-    for parent, name, module in find_modules(base, entry.self_attention):
-        if isinstance(module, LSGSelfAttention):
-            setattr(parent, name, module.restore())
+    for module in seam.selected_modules(base):
+        seam.deselect(module)
     parent = get_submodule(base, entry.global_embeddings_parent)
     if hasattr(parent, GLOBAL_EMBEDDINGS):
         delattr(parent, GLOBAL_EMBEDDINGS)
@@ -166,7 +168,7 @@ def _plan(
             random_global_init, seed,
         )  # fmt: skip
 
-    swaps = _attention_swaps(base, entry, adapter, lsg)
+    attention = _attention_modules(model_type, entry, base)
 
     previous: PatchRecord | None = getattr(base, "_lsg_patch", None)
     record = PatchRecord(
@@ -178,7 +180,7 @@ def _plan(
             previous.original_max_position_embeddings if previous else model.config.max_position_embeddings
         ),
     )
-    return _Plan(base, entry, adapter, lsg, max_length, position_weights, global_table, swaps, record)
+    return _Plan(base, entry, adapter, lsg, max_length, position_weights, global_table, attention, record)
 
 
 def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
@@ -196,27 +198,29 @@ def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
     adapter = entry.adapter_instance(model_type)
     max_length = get_submodule(base, entry.position_embeddings).weight.shape[0] - entry.position_offset
     global_table = _empty_global_table(get_submodule(base, entry.word_embeddings).weight, base.training)
-    swaps = _attention_swaps(base, entry, adapter, lsg)
+    attention = _attention_modules(model_type, entry, base)
     record = PatchRecord(model_type, lsg, max_length, None, None)
-    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table, swaps, record), model.config)
+    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table, attention, record), model.config)
     return model
 
 
-def _attention_swaps(
-    base: nn.Module, entry: ArchitectureEntry, adapter: FamilyAdapter, lsg: LSGConfig
-) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, name, new LSG module) for every self-attention module; nothing is assigned yet.
+def _attention_modules(model_type: str, entry: ArchitectureEntry, base: nn.Module) -> list[nn.Module]:
+    """The distinct self-attention modules to run "lsg" (layers that share one, as ALBERT's, count once).
 
-    Layers that share one module (ALBERT) share one LSG module; an LSG module is rebuilt from its original.
+    Each must look its implementation up in transformers' AttentionInterface by its config: a module that does
+    not would silently keep dense attention after the selection, so it is refused here, before any change.
     """
-    swaps = []
-    replaced: dict[int, nn.Module] = {}
-    for parent, name, module in find_modules(base, entry.self_attention):
-        if id(module) not in replaced:
-            original = module.restore() if isinstance(module, LSGSelfAttention) else module
-            replaced[id(module)] = adapter.attention_class(original, lsg.layout)
-        swaps.append((parent, name, replaced[id(module)]))
-    return swaps
+    seam.register_with_transformers()  # process-wide and idempotent; refuses a foreign "lsg" before any change
+    modules = list({id(module): module for _, _, module in find_modules(base, entry.self_attention)}.values())
+    for module in modules:
+        if not seam.routes_through_interface(module):
+            raise ValueError(
+                f"registry entry {model_type!r}: {type(module).__name__} (path {entry.self_attention!r}) does not call "
+                "its attention through transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS[config."
+                "_attn_implementation]), so LSG attention cannot run in it; lsg_patch supports attention modules "
+                "that do"
+            )
+    return modules
 
 
 def _apply(plan: _Plan, config: Any) -> None:
@@ -229,8 +233,8 @@ def _apply(plan: _Plan, config: Any) -> None:
         resize_index_buffers(get_submodule(base, _parent_path(path)), weight.shape[0])
     if plan.global_table is not None:
         setattr(get_submodule(base, entry.global_embeddings_parent), GLOBAL_EMBEDDINGS, plan.global_table)
-    for parent, name, module in plan.attention_swaps:
-        setattr(parent, name, module)
+    for module in plan.attention_modules:
+        seam.select(module)
     plan.adapter.install_hooks(base, entry, plan.lsg, plan.max_length)
     for key, value in plan.lsg.config_entries(entry.encoder_decoder).items():
         setattr(config, key, value)
@@ -239,7 +243,7 @@ def _apply(plan: _Plan, config: Any) -> None:
     base._lsg_patch = plan.record
     logger.info(
         "converted %s to LSG: max_length %d, %d attention modules, %s",
-        type(base).__name__, plan.max_length, len({id(m) for _, _, m in plan.attention_swaps}), plan.lsg,
+        type(base).__name__, plan.max_length, len(plan.attention_modules), plan.lsg,
     )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """Shape of the LSG key set of every query block (see LSG_SPEC.md sections 6 and 7)."""
+    """Shape of the LSG key set of every query block (see docs/LSG_SPEC.md sections 6 and 7)."""
 
     num_global_tokens: int = 1
     block_size: int = 128

@@ -1,6 +1,6 @@
 """Everything mask-related of LSG attention, computed once per forward pass and shared by all layers.
 
-The key set of token query block i (LSG_SPEC.md section 6) is laid out as
+The key set of token query block i (docs/LSG_SPEC.md section 6) is laid out as
     [G globals | "before" window (sbs items) | tokens (i-1)*bs .. (i+2)*bs (3*bs) | "after" window (sbs items)]
 (the sparse windows only if the layout has sparse keys). Order does not change a softmax; this one makes the
 causal key set a prefix (globals, before window, previous and current block).

@@ -1,4 +1,4 @@
-"""The LSG attention product (LSG_SPEC.md section 6) over bare tensors.
+"""The LSG attention product (docs/LSG_SPEC.md section 6) over bare tensors.
 
 Token queries are cut into blocks of block_size, folded into the batch of flash-attention calls
 (batch * heads, blocks, block_size, d). Every block attends to its own key set, in two parts:
@@ -7,14 +7,16 @@ Token queries are cut into blocks of block_size, folded into the batch of flash-
 * the side keys, globals and sparse windows: gathered once per layer straight from the keys (position types,
   norm) or from the pooled items, the only per-block copy.
 
-Without dropout, `_BlockAttention` runs both parts through the CPU flash-attention kernel and merges them
+Two backends (`backends.py`) compute the same key sets. On the CPU (`cpu_fused`), without dropout,
+`_BlockAttention` runs both parts through the CPU flash-attention kernel and merges them
 through their logsumexp, straight into an output laid out as (batch, G + T, heads, d) (merging the heads
 afterwards is free); global queries (G of them) take one more flash call. Its backward reuses the kernel's
 backward with the merged output and logsumexp, which is the exact gradient of one softmax over the union of
 both parts, and sums the window and side gradients into one gradient per input, in the input's own layout,
-without index buffers or zero-filled intermediates. With dropout, plain autograd runs the same key sets through
-`scaled_dot_product_attention` (both parts concatenated), checkpointed so its probabilities are recomputed in
-the backward instead of kept.
+without index buffers or zero-filled intermediates. Otherwise (`portable`: every other device, or dropout),
+plain autograd runs the same key sets through the public `scaled_dot_product_attention` (both parts
+concatenated); on the CPU with dropout it is checkpointed, so the probabilities SDPA's math kernel would keep
+are recomputed in the backward instead.
 """
 from __future__ import annotations
 
@@ -26,22 +28,26 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from .backends import backend_for
 from .layout import AttentionLayout
 from .masks import LSGMask, local_columns
 from .sparse import ITEM_KINDS, norm_positions, sparse_items, sparse_kind
 
+# Registered for CPU tensors only: reached through the "cpu_fused" backend alone, which backend_for never
+# selects for another device.
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
                   layout: AttentionLayout, *, dropout_p: float = 0.0, causal: bool = False,
-                  scale: float | None = None) -> torch.Tensor:
+                  scale: float | None = None, lsh_seed: int = 0) -> torch.Tensor:
     """LSG attention of (batch, heads, G + T, d) queries/keys/values, globals first; same shape out.
 
     Inputs of at most 2 blocks take plain attention over all G + T keys. Otherwise global queries attend to all
     keys and token block i to [globals; 2 * sparse_block_size sparse keys; tokens (i-1)*bs .. (i+2)*bs].
-    scale defaults to d ** -0.5; dropout_p is applied to the attention probabilities.
+    scale defaults to d ** -0.5; dropout_p is applied to the attention probabilities; lsh_seed seeds the lsh
+    hyperplanes (one seed per layer: two calls on the same input give the same output).
 
     causal=True (BERT-like decoders): global queries attend to the global keys only; a token query at position
     p attends to the globals, the sparse "before" window (items whose tokens precede its local window) and
@@ -55,7 +61,8 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     if mask.index is None:
         return _full_attention(query, key, value, full_mask, g, causal, dropout_p, scale)
     n, h = query.shape[:2]
-    side_keys, side_values, rows, side_mask = _side_sources(query, key, value, mask, layout, causal, scale)
+    backend = backend_for(query.device)
+    side_keys, side_values, rows, side_mask = _side_sources(query, key, value, mask, layout, causal, scale, lsh_seed)
     width = (2 if causal else 3) * layout.block_size
     local_mask = mask.local[:, None, :, None, :width]
     if causal:
@@ -63,15 +70,15 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     plan = _Plan(g, layout.block_size, width, scale, rows, _folded(_additive(local_mask, query.dtype), n, h),
                  _folded(_additive(side_mask, query.dtype), n, h),
                  None if causal or full_mask is None else _additive(full_mask, query.dtype), causal)
-    if dropout_p == 0:
+    if dropout_p == 0 and backend == "cpu_fused":
         return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
-    if torch.is_grad_enabled():
+    if dropout_p > 0 and query.device.type == "cpu" and torch.is_grad_enabled():
         # SDPA with dropout keeps every block's probabilities and dropout mask for the backward (about 3x the
         # training memory of the dropout-free path); recomputing them there, under the same random state,
         # costs one more attention forward and keeps only the inputs.
-        return checkpoint(_dropout_attention, query, key, value, side_keys, side_values, plan, dropout_p,
+        return checkpoint(_portable_attention, query, key, value, side_keys, side_values, plan, dropout_p,
                           use_reentrant=False, preserve_rng_state=True)
-    return _dropout_attention(query, key, value, side_keys, side_values, plan, dropout_p)
+    return _portable_attention(query, key, value, side_keys, side_values, plan, dropout_p)
 
 
 def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -112,7 +119,7 @@ class _Plan:
 
 
 def _side_sources(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
-                  layout: AttentionLayout, causal: bool, scale: float
+                  layout: AttentionLayout, causal: bool, scale: float, lsh_seed: int
                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Where the side keys (globals, sparse windows) of every block come from.
 
@@ -139,7 +146,8 @@ def _side_sources(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
             allowed = mask.full.view(n, 1, -1).expand(n, h, -1).gather(-1, rows)
             blocks = blocks & allowed.view(n, h, *index.shape[1:])
     elif kind in ITEM_KINDS:
-        items = sparse_items(query[:, :, g], key[:, :, g:], value[:, :, g:], mask.tokens, layout, scale)
+        items = sparse_items(query[:, :, g], key[:, :, g:], value[:, :, g:], mask.tokens, layout, scale,
+                             lsh_seed=lsh_seed)
         side_keys, side_values = (torch.cat([x[:, :, :g], y], dim=2)
                                   for x, y in ((key, items.keys), (value, items.values)))
         if items.mask is not None:
@@ -176,7 +184,7 @@ def _rows_addressable(source: torch.Tensor) -> bool:
 
 
 def _gather(source: torch.Tensor, rows: torch.Tensor, blocks: int) -> torch.Tensor:
-    """`_take` for autograd (the dropout path): gather, whose backward is one scatter_add."""
+    """`_take` for autograd (the portable path): gather, whose backward is one scatter_add."""
     n, h, _, d = source.shape
     return source.gather(2, rows[..., None].expand(n, h, -1, d)).view(n * h, blocks, -1, d)
 
@@ -302,10 +310,10 @@ class _BlockAttention(torch.autograd.Function):
         return dquery, dkey, dvalue, side_grads[0], side_grads[1], None
 
 
-def _dropout_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, side_keys: torch.Tensor | None,
-                       side_values: torch.Tensor | None, plan: _Plan, dropout_p: float) -> torch.Tensor:
-    """The same attention with dropout on the probabilities, through plain autograd: one SDPA call for the
-    global queries, one over the concatenated local and side keys for the token blocks."""
+def _portable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, side_keys: torch.Tensor | None,
+                        side_values: torch.Tensor | None, plan: _Plan, dropout_p: float) -> torch.Tensor:
+    """The same attention from public ops only, through plain autograd (any device, dropout included): one SDPA
+    call for the global queries, one over the concatenated local and side keys for the token blocks."""
     n, h, length, d = query.shape
     g, bs = plan.num_global, plan.block_size
     blocks, keys = (length - g) // bs, plan.global_keys(length)

@@ -98,11 +98,13 @@ def sparse_token_positions(layout: AttentionLayout, num_tokens: int, device: tor
 
 
 def sparse_items(query_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 token_mask: torch.Tensor, layout: AttentionLayout, scale: float) -> SparseItems:
+                 token_mask: torch.Tensor, layout: AttentionLayout, scale: float, *, lsh_seed: int = 0
+                 ) -> SparseItems:
     """Compute the sparse items of pooling, bos_pooling or lsh (see the module docstring).
 
     query_first (batch, heads, d) is the query of token 0, used by bos_pooling; scale is the score scale of
-    the attention product, reused for bos_pooling's scores.
+    the attention product, reused for bos_pooling's scores. lsh_seed seeds lsh's hyperplanes
+    (`lsh_hyperplanes`); pass a different one per layer.
     """
     kind = sparse_kind(layout)
     if kind == "pooling":
@@ -110,7 +112,9 @@ def sparse_items(query_first: torch.Tensor, keys: torch.Tensor, values: torch.Te
     if kind == "bos_pooling":
         return bos_pooling_items(query_first, keys, values, token_mask, layout.sparsity_factor, scale)
     if kind == "lsh":
-        return lsh_items(keys, values, token_mask, layout)
+        planes = lsh_hyperplanes(layout, keys.shape[1], keys.shape[-1], seed=lsh_seed, dtype=keys.dtype,
+                                 device=keys.device)
+        return lsh_items(keys, values, token_mask, layout, planes)
     raise ValueError(f"sparsity kind {kind!r} has no sparse items")
 
 
@@ -160,38 +164,60 @@ def bos_pooling_items(query_first: torch.Tensor, keys: torch.Tensor, values: tor
     return SparseItems((weights @ grouped_keys).squeeze(-2), (weights @ grouped_values).squeeze(-2), None)
 
 
-def lsh_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
-              layout: AttentionLayout) -> SparseItems:
-    """Mean of the keys/values that random hyperplanes hash into the same bucket, per chunk of c tokens.
+def lsh_hyperplanes(layout: AttentionLayout, heads: int, head_dim: int, *, seed: int, dtype: torch.dtype,
+                    device: torch.device | str | None) -> list[torch.Tensor]:
+    """The random hyperplanes of every lsh round: lsh_num_pre_rounds rounds into c buckets, then one into c / sf.
+
+    Round r's planes are (heads, 1, head_dim, max(buckets // 2, 1)), standard normal. They come from a fresh
+    CPU generator seeded with `seed` (no global or shared RNG state is read or advanced), drawn in float32 and
+    only then cast and moved: the same seed gives the same planes on every device and, up to rounding, in
+    every dtype, so a layer hashes alike on CPU and GPU and a test can recompute them.
+    """
+    c = chunk_size(layout)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    planes = []
+    for buckets in [c] * layout.lsh_num_pre_rounds + [c // layout.sparsity_factor]:
+        drawn = torch.randn(heads, 1, head_dim, max(buckets // 2, 1), generator=generator, dtype=torch.float32)
+        planes.append(drawn.to(device=device, dtype=dtype))
+    return planes
+
+
+def lsh_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor, layout: AttentionLayout,
+              planes: list[torch.Tensor]) -> SparseItems:
+    """Mean of the keys/values that hyperplanes hash into the same bucket, per chunk of c tokens.
 
     As the reference: masked tokens are zeroed and count for nothing; lsh_num_pre_rounds rounds hash the
     c tokens of a chunk into c buckets (bucket sums), a last round into c / sf buckets; an item is the
-    bucket sum / (count + 1e-8) and is masked iff its bucket is empty. The hyperplanes come from
-    torch.randn on every call, so results are reproducible under torch.manual_seed only.
+    bucket sum / (count + 1e-8) and is masked iff its bucket is empty. Unlike the reference, which draws new
+    planes with torch.randn on every forward, the planes (`lsh_hyperplanes`, one tensor per round) are fixed
+    by a seed that the caller chooses per layer: results are reproducible, two calls on the same input are
+    bit-identical, and layers still hash differently from one another.
     """
     c = chunk_size(layout)
     valid = token_mask[:, None, :, None]
     keys = keys.masked_fill(~valid, 0).unflatten(2, (-1, c))
     values = values.masked_fill(~valid, 0).unflatten(2, (-1, c))
     count = valid.expand(-1, keys.shape[1], -1, -1).to(keys.dtype).unflatten(2, (-1, c))
-    for _ in range(layout.lsh_num_pre_rounds):
-        keys, values, count = _lsh_round(keys, values, count, c)
-    keys, values, count = _lsh_round(keys, values, count, c // layout.sparsity_factor)
+    rounds = [c] * layout.lsh_num_pre_rounds + [c // layout.sparsity_factor]
+    if len(planes) != len(rounds):
+        raise ValueError(f"lsh needs {len(rounds)} rounds of hyperplanes "
+                         f"(lsh_num_pre_rounds={layout.lsh_num_pre_rounds} + 1), got {len(planes)}")
+    for buckets, round_planes in zip(rounds, planes):
+        keys, values, count = _lsh_round(keys, values, count, buckets, round_planes)
     return SparseItems((keys / (count + 1e-8)).flatten(2, 3), (values / (count + 1e-8)).flatten(2, 3),
                        (count > 0).flatten(2))
 
 
-def _lsh_round(keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor, buckets: int
+def _lsh_round(keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor, buckets: int, planes: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum keys, values and counts (batch, heads, chunks, rows, .) into `buckets` rows by a random hash.
+    """Sum keys, values and counts (batch, heads, chunks, rows, .) into `buckets` rows by a hyperplane hash.
 
-    A key's bucket is the argmax over [x.P, -x.P] of its direction x for buckets // 2 random planes P (per
-    head), as in the reference: with an odd count the last bucket stays empty. A single bucket takes every key
-    (the reference fails there).
+    A key's bucket is the argmax over [x.P, -x.P] of its direction x for the buckets // 2 planes P of its head
+    (planes: (heads, 1, d, max(buckets // 2, 1))), as in the reference: with an odd count the last bucket stays
+    empty. A single bucket takes every key (the reference fails there).
     """
     n, h, b, t, d = keys.shape
     with torch.no_grad():
-        planes = torch.randn(h, 1, d, max(buckets // 2, 1), device=keys.device, dtype=keys.dtype)
         projections = F.normalize(keys, dim=-1) @ planes
         bucket = torch.cat([projections, -projections], dim=-1).argmax(dim=-1, keepdim=True) % buckets
 

@@ -1,13 +1,13 @@
 """BART, mBART and Pegasus: encoder-decoder models whose encoder embeds its own input.
 
 The encoder's pre-hook pads `input_ids` with the pad token (the padded rows are real pad embeddings plus
-positions, LSG_SPEC.md section 5), embeds them, and hands the encoder `inputs_embeds = [globals; tokens]`.
+positions, docs/LSG_SPEC.md section 5), embeds them, and hands the encoder `inputs_embeds = [globals; tokens]`.
 A pair of hooks on the encoder's position table looks positions up for the T tokens only and gives the G
 global rows none, so the upstream sum `inputs_embeds + positions`, `layernorm_embedding` (BART, mBART) and
 dropout run over [globals; tokens] exactly as in the reference (section 4); the global rows are not scaled
-by embed_scale. The encoder gets no attention mask (transformers then builds no O(T^2) mask); a pre-hook on
-every encoder layer gives it the LSG mask instead, built once per forward. Passed as a layer argument, the
-mask is also what gradient checkpointing replays.
+by embed_scale. The encoder gets no attention mask (transformers then builds no O(T^2) mask) but the
+per-call LSG state as the keyword `lsg_call`, which it passes on to every layer and so to the attention
+function (gradient checkpointing replays it with the layer). Nothing is stored on the model between hooks.
 
 With pass_global_tokens_to_decoder (the default) the encoder output keeps its G global rows and the
 decoder's `encoder_attention_mask` is left-padded with G ones by a decoder pre-hook (section 7b); the
@@ -21,43 +21,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..attention import prepare_mask
 from ..hooks import LSGHook
-from ..registry_paths import find_modules, get_submodule
-from .base import EncoderMask, FamilyAdapter, LengthCheck, LSGSelfAttention, block_padding, mask_first, token_mask_from
+from ..registry_paths import get_submodule
+from ..seam import CALL_KEYWORD
+from .base import FamilyAdapter, LengthCheck, block_padding, build_call, token_mask_from
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
     from ..registry import ArchitectureEntry
 
 
-class LSGBartAttention(LSGSelfAttention):
-    """Replaces the encoder self-attention of BART, mBART and Pegasus (their attention includes out_proj)."""
-
-    projection_names = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-    def __init__(self, original: nn.Module, layout: Any) -> None:
-        super().__init__(original, layout)
-        self.head_size = original.head_dim
-        self.scaling = original.scaling
-        self.dropout = original.dropout  # a probability (float) in these families, not a module
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        return self.out_proj(self.lsg_context(hidden_states, attention_mask, projections, self.dropout)), None
-
-
-class EncoderState:
-    """The LSG mask of the encoder forward in progress, shared by the hooks of one model (None between forwards)."""
-
-    def __init__(self) -> None:
-        self.mask: EncoderMask | None = None
-
-
 class BartFamily(FamilyAdapter):
     """BART and mBART: `embed_tokens` applies embed_scale itself (a ScaledWordEmbedding)."""
-
-    attention_class = LSGBartAttention
 
     @staticmethod
     def token_embeddings(encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -66,16 +41,12 @@ class BartFamily(FamilyAdapter):
 
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         encoder = get_submodule(base_model, entry.encoder)
-        state = EncoderState()
         LengthCheck(max_length).register_pre(encoder)
-        EncoderInput(self.token_embeddings, base_model.config.pad_token_id, lsg, state).register_pre(encoder)
-        EncoderOutput(lsg, state).register_post(encoder)
+        EncoderInput(self.token_embeddings, base_model.config.pad_token_id, lsg).register_pre(encoder)
+        EncoderOutput(lsg).register_post(encoder)
         positions = get_submodule(base_model, entry.position_embeddings)
-        TokenPositionsOnly(lsg.num_global_tokens, state).register_pre(positions)
-        NoPositionForGlobals(lsg.num_global_tokens, state).register_post(positions)
-        layers = {id(parent): parent for parent, _, _ in find_modules(base_model, entry.self_attention)}
-        for layer in layers.values():
-            LayerMask(state).register_pre(layer)
+        TokenPositionsOnly(lsg.num_global_tokens).register_pre(positions)
+        NoPositionForGlobals(lsg.num_global_tokens).register_post(positions)
         if lsg.pass_global_tokens_to_decoder:
             decoder = getattr(base_model, "decoder", None)
             if decoder is not None:
@@ -110,13 +81,12 @@ def set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value:
 
 
 class EncoderInput(LSGHook):
-    """Encoder pre-hook: block padding (pad tokens), the LSG mask, and inputs_embeds = [globals; tokens]."""
+    """Encoder pre-hook: block padding (pad tokens), the per-call state, and inputs_embeds = [globals; tokens]."""
 
-    def __init__(self, token_embeddings: Any, pad_token_id: int | None, lsg: "LSGConfig", state: EncoderState) -> None:
+    def __init__(self, token_embeddings: Any, pad_token_id: int | None, lsg: "LSGConfig") -> None:
         self.token_embeddings = token_embeddings
         self.pad_token_id = pad_token_id
         self.lsg = lsg
-        self.state = state
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         input_ids = get_argument(module, args, kwargs, "input_ids")
@@ -135,11 +105,9 @@ class EncoderInput(LSGHook):
             embeds = torch.cat([embeds, embeds.new_zeros(batch, padding, embeds.shape[-1])], dim=1)
         if padding:
             token_mask = torch.cat([token_mask, token_mask.new_zeros(batch, padding)], dim=1)
-        if self.lsg.mask_first_token:
-            token_mask = mask_first(token_mask)
         count = self.lsg.num_global_tokens
         globals_ = module.global_embeddings.weight[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        self.state.mask = EncoderMask(prepare_mask(token_mask, self.lsg.layout), length)
+        kwargs = {**kwargs, CALL_KEYWORD: build_call(token_mask, length, self.lsg)}
         args, kwargs = set_argument(module, args, kwargs, "input_ids", None)
         args, kwargs = set_argument(module, args, kwargs, "attention_mask", None)
         return set_argument(module, args, kwargs, "inputs_embeds", torch.cat([globals_, embeds], dim=1))
@@ -154,14 +122,14 @@ class EncoderInput(LSGHook):
 
 
 class TokenPositionsOnly(LSGHook):
-    """Position-table pre-hook: look positions up for the T tokens, not for the G global rows in front."""
+    """Position-table pre-hook: look positions up for the T tokens, not for the G global rows in front (the
+    encoder, the table's only caller, always runs with the global rows once converted)."""
 
-    def __init__(self, num_global_tokens: int, state: EncoderState) -> None:
+    def __init__(self, num_global_tokens: int) -> None:
         self.num_global_tokens = num_global_tokens
-        self.state = state
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if self.state.mask is None or not args:
+        if not args:
             return None
         shape_source = args[0]  # BART/mBART pass a (batch, G+T) tensor, Pegasus the (batch, G+T) shape
         if isinstance(shape_source, torch.Tensor):
@@ -174,41 +142,22 @@ class TokenPositionsOnly(LSGHook):
 class NoPositionForGlobals(LSGHook):
     """Position-table post-hook: zero rows in front for the globals, which get no position (spec section 4)."""
 
-    def __init__(self, num_global_tokens: int, state: EncoderState) -> None:
+    def __init__(self, num_global_tokens: int) -> None:
         self.num_global_tokens = num_global_tokens
-        self.state = state
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        if self.state.mask is None:
-            return None
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         zeros = output.new_zeros(*output.shape[:-2], self.num_global_tokens, output.shape[-1])
         return torch.cat([zeros, output], dim=-2)
-
-
-class LayerMask(LSGHook):
-    """Encoder-layer pre-hook: the layer's attention mask argument becomes this forward's LSG mask."""
-
-    def __init__(self, state: EncoderState) -> None:
-        self.state = state
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if self.state.mask is None:
-            raise RuntimeError(
-                "an LSG encoder layer ran outside its encoder: call the whole model or its encoder, not a single layer"
-            )
-        return set_argument(module, args, kwargs, "attention_mask", self.state.mask)
 
 
 class EncoderOutput(LSGHook):
     """Encoder post-hook: drop the block padding, and the globals too unless they go to the decoder."""
 
-    def __init__(self, lsg: "LSGConfig", state: EncoderState) -> None:
+    def __init__(self, lsg: "LSGConfig") -> None:
         self.lsg = lsg
-        self.state = state
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        length = self.state.mask.num_tokens
-        self.state.mask = None
+        length = kwargs[CALL_KEYWORD].num_tokens
         hidden = output[0]
         count = self.lsg.num_global_tokens
         if self.lsg.pass_global_tokens_to_decoder:

@@ -1,95 +1,25 @@
-"""What every family shares: the LSG self-attention base class, the per-forward mask record, and the
-small tensor steps (mask recovery, block padding, length check) the family hooks are made of."""
+"""What every family shares: the adapter interface and the small steps the family hooks are made of (mask
+recovery, block padding, building the per-call state, length check)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..attention import AttentionLayout, LSGMask, lsg_attention
+from ..attention import prepare_mask
 from ..hooks import LSGHook
+from ..seam import LSGCall
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
     from ..registry import ArchitectureEntry
 
 
-@dataclass
-class EncoderMask:
-    """What the encoder's layers receive as `attention_mask` while LSG runs.
-
-    Built once per forward by the family's encoder hook and shared by every layer, so block masks are
-    not rebuilt per layer. `num_tokens` is the caller's token count, before block padding.
-    """
-
-    mask: LSGMask
-    num_tokens: int
-
-
-class LSGSelfAttention(nn.Module, ABC):
-    """Base of the modules that replace a family's self-attention.
-
-    They adopt the original projection layers as children under the same names, so state_dict keys do
-    not change, and keep the original module (unregistered) to give it back on `from_lsg`.
-    """
-
-    projection_names: tuple[str, ...] = ()
-    head_size: int
-    scaling: float
-    is_causal: bool = False
-
-    def __init__(self, original: nn.Module, layout: AttentionLayout) -> None:
-        super().__init__()
-        for name in self.projection_names:
-            setattr(self, name, getattr(original, name))
-        self.__dict__["_original"] = original
-        self.layout = layout
-        self.train(original.training)  # a patched model in eval mode stays in eval mode
-
-    def restore(self) -> nn.Module:
-        """The original module, holding this module's (possibly trained) projection layers."""
-        original = self.__dict__["_original"]
-        for name in self.projection_names:
-            setattr(original, name, getattr(self, name))
-        original.train(self.training)
-        return original
-
-    def lsg_context(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: Any,
-        projections: tuple[nn.Module, nn.Module, nn.Module],
-        dropout_p: float,
-    ) -> torch.Tensor:
-        """Project queries/keys/values, run LSG attention, merge the heads: (batch, length, heads * head_size)."""
-        if not isinstance(attention_mask, EncoderMask):
-            raise RuntimeError(
-                "this LSG attention module got a plain attention mask: it only runs inside the encoder that "
-                "lsg_patch.to_lsg patched (call the whole model, not a single layer)"
-            )
-        batch, length, _ = hidden_states.shape
-        shape = (batch, length, -1, self.head_size)
-        query, key, value = (project(hidden_states).view(shape).transpose(1, 2) for project in projections)
-        context = lsg_attention(
-            query,
-            key,
-            value,
-            attention_mask.mask,
-            self.layout,
-            dropout_p=dropout_p if self.training else 0.0,
-            causal=self.is_causal,
-            scale=self.scaling,
-        )
-        return context.transpose(1, 2).reshape(batch, length, -1)
-
-
 class FamilyAdapter(ABC):
-    """The forward-time behaviour of one family, installed as LSGHooks on the host modules."""
-
-    attention_class: type[LSGSelfAttention]
+    """The forward-time behaviour of one family, installed as LSGHooks on the host modules: global tokens in,
+    block padding, the per-call LSG state, trimmed outputs. The attention modules themselves stay the host's."""
 
     @abstractmethod
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
@@ -99,19 +29,34 @@ class FamilyAdapter(ABC):
 def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.device) -> torch.Tensor:
     """The (batch, length) bool key mask, True = may be attended, from any mask transformers builds.
 
-    transformers hands the encoder None (nothing masked), a 2-D 0/1 mask, or a 4-D bool/additive mask
-    whose last query row sees every non-padded key (also for causal masks).
+    transformers hands the encoder None (nothing masked), a 2-D 0/1 mask, or a 4-D mask whose last query row
+    sees every non-padded key (also for causal masks). A 4-D mask follows transformers' convention: bool means
+    True = attend; a float mask is additive (0 = attend, the dtype's minimum or -inf = masked). LSG can apply
+    neither other additive values (biases) nor integer 4-D masks, so those are refused rather than misread.
     """
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(
-            f"lsg_patch cannot read an attention mask of type {type(attention_mask).__name__}; use "
-            "attn_implementation='sdpa' or 'eager' for the host model"
+            f"lsg_patch cannot read an attention mask of type {type(attention_mask).__name__}; pass a 2-D 0/1 "
+            "mask (batch, tokens), or a 4-D bool or additive float mask"
         )
     if attention_mask.dim() == 4:
-        attention_mask = attention_mask[:, 0, -1, :]
-        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        rows = attention_mask[:, 0, -1, :]
+        if rows.dtype == torch.bool:
+            allowed = rows
+        elif rows.is_floating_point():
+            allowed = rows == 0
+            if not bool((allowed | (rows <= torch.finfo(rows.dtype).min)).all()):
+                raise ValueError(
+                    "a 4-D float attention mask is additive in transformers; LSG attention only takes 0 (attend) "
+                    "and the dtype's minimum or -inf (masked), not other biases; pass a 2-D 0/1 or a 4-D bool mask"
+                )
+        else:
+            raise ValueError(
+                f"a 4-D attention mask of dtype {rows.dtype} is not accepted: transformers takes 4-D masks as bool "
+                "(True = attend) or additive float; pass one of those, or a 2-D 0/1 mask"
+            )
     elif attention_mask.dim() == 2:
         allowed = attention_mask.bool()
     else:
@@ -120,7 +65,7 @@ def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.
 
 
 def block_padding(length: int, lsg: "LSGConfig") -> int:
-    """How many masked positions adaptive padding appends (LSG_SPEC.md section 5)."""
+    """How many masked positions adaptive padding appends (docs/LSG_SPEC.md section 5)."""
     if length <= 2 * lsg.block_size or length % lsg.block_size == 0:
         return 0
     if not lsg.adaptive:
@@ -136,6 +81,14 @@ def mask_first(token_mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(token_mask[:, :1]), token_mask[:, 1:]], dim=1)
 
 
+def build_call(token_mask: torch.Tensor, num_tokens: int, lsg: "LSGConfig") -> LSGCall:
+    """The per-call state of one forward: token_mask covers the block-padded tokens; mask_first_token is applied
+    here, to a copy."""
+    if lsg.mask_first_token:
+        token_mask = mask_first(token_mask)
+    return LSGCall(prepare_mask(token_mask, lsg.layout), lsg.layout, num_tokens)
+
+
 class LengthCheck(LSGHook):
     """Refuses inputs longer than max_length before they reach an embedding lookup."""
 
@@ -149,6 +102,8 @@ class LengthCheck(LSGHook):
             length = None if tensor is None else tensor.shape[1]
         else:
             length = tensor.shape[-1]
+        if length == 0:
+            raise ValueError("the input has 0 tokens; LSG attention needs at least one token per row")
         if length is not None and length > self.max_length:
             raise ValueError(
                 f"the input has {length} tokens but this LSG model accepts at most {self.max_length} "

@@ -2,7 +2,7 @@
 
 Global tokens are embedded like tokens without word, position or type vectors (LayerNorm and dropout
 only, then ELECTRA's projection), prepended to the embedding output; block padding appends zero
-vectors (LSG_SPEC.md sections 4, 5 and 7b).
+vectors (docs/LSG_SPEC.md sections 4, 5 and 7b).
 """
 from __future__ import annotations
 
@@ -12,39 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import prepare_mask
 from ..hooks import LSGHook
 from ..registry_paths import get_submodule
-from .base import EncoderMask, FamilyAdapter, LengthCheck, LSGSelfAttention, block_padding, mask_first, token_mask_from
+from ..seam import CALL_KEYWORD
+from .base import FamilyAdapter, LengthCheck, block_padding, build_call, token_mask_from
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
     from ..registry import ArchitectureEntry
 
 
-class LSGBertSelfAttention(LSGSelfAttention):
-    """Replaces BertSelfAttention and its copies (RobertaSelfAttention, ElectraSelfAttention, ...)."""
-
-    projection_names = ("query", "key", "value")
-
-    def __init__(self, original: nn.Module, layout: Any) -> None:
-        super().__init__(original, layout)
-        self.dropout = original.dropout
-        self.head_size = original.attention_head_size
-        self.scaling = getattr(original, "scaling", self.head_size**-0.5)
-        self.is_causal = bool(getattr(original, "is_causal", False))
-
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: Any = None, past_key_values: Any = None, **kwargs: Any
-    ) -> tuple[torch.Tensor, None]:
-        projections = (self.query, self.key, self.value)
-        return self.lsg_context(hidden_states, attention_mask, projections, self.dropout.p), None
-
-
 class BertFamily(FamilyAdapter):
-    """Hooks on the embeddings (length check) and on the encoder (globals, padding, mask, trimming)."""
-
-    attention_class = LSGBertSelfAttention
+    """Hooks on the embeddings (length check) and on the encoder (globals, padding, per-call state, trimming)."""
 
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         LengthCheck(max_length).register_pre(get_submodule(base_model, entry.embeddings))
@@ -70,14 +49,16 @@ class BertGlobalRows:
 
 
 class BertEncoderInput(LSGHook):
-    """Encoder pre-hook: [globals; tokens; zero padding] and the LSG mask, built once per forward."""
+    """Encoder pre-hook: [globals; tokens; zero padding], and the per-call state (masks built once per forward)
+    passed down to the layers as `lsg_call`; the encoder's dense mask is dropped."""
 
     def __init__(self, global_rows: BertGlobalRows, lsg: "LSGConfig") -> None:
         self.global_rows = global_rows
         self.lsg = lsg
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if kwargs.get("use_cache") and kwargs.get("past_key_values") is not None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed to `cache` in transformers 5.24
+        if kwargs.get("use_cache") and cache is not None:
             raise ValueError(
                 "LSG attention keeps no key/value cache: call the model (or generate) with use_cache=False"
             )
@@ -88,11 +69,10 @@ class BertEncoderInput(LSGHook):
         if padding:  # F.pad, not cat with a new (batch, padding) tensor: no shape specialisation under compile
             hidden = F.pad(hidden, (0, 0, 0, padding))
             token_mask = F.pad(token_mask, (0, padding), value=False)
-        if self.lsg.mask_first_token:
-            token_mask = mask_first(token_mask)
         globals_ = self.global_rows(self.lsg.num_global_tokens, batch).to(hidden.dtype)
         hidden = torch.cat([globals_, hidden], dim=1)
-        kwargs["attention_mask"] = EncoderMask(prepare_mask(token_mask, self.lsg.layout), length)
+        kwargs["attention_mask"] = None
+        kwargs[CALL_KEYWORD] = build_call(token_mask, length, self.lsg)
         return (hidden, *args[1:]), kwargs
 
 
@@ -104,7 +84,7 @@ class EncoderOutputTrim(LSGHook):
         self.lsg = lsg
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        length = kwargs["attention_mask"].num_tokens
+        length = kwargs[CALL_KEYWORD].num_tokens
         hidden = output.last_hidden_state
         globals_count = self.lsg.num_global_tokens
         tokens = hidden[:, globals_count : globals_count + length]

@@ -1,0 +1,79 @@
+"""LSG as a transformers attention implementation: the "lsg" attention and mask functions.
+
+transformers 5.x calls self-attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]` as
+`(module, query, key, value, attention_mask, scaling=, dropout=, **kwargs)` with queries (batch, heads, n, d)
+and expects (batch, n, heads, d) back. lsg_patch registers one function under the new key "lsg" (never
+replacing an existing key) and selects it only for the self-attention modules it converts (see
+`selection.py`): cross-attention, decoders and every other model keep their own implementation.
+
+The function reads the per-call state (`LSGCall`) from its keyword arguments, where the stack hook put it;
+the `attention_mask` argument is not used by LSG layers. The mask function registered under the same key
+builds transformers' own sdpa masks, so a mask requested under "lsg" is never silently dropped.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import lsg_attention
+from .call import CALL_KEYWORD, LSGCall
+
+ATTENTION_NAME = "lsg"
+_registration_lock = threading.Lock()
+
+
+def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                           **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """LSG attention of one converted module; (batch, n, heads, d) out and no attention weights.
+
+    Keys with fewer heads than the queries (grouped-query attention) are repeated to the query heads.
+    """
+    call = kwargs.get(CALL_KEYWORD)
+    if not isinstance(call, LSGCall):
+        raise RuntimeError(
+            f"{type(module).__name__} runs LSG attention but was called without lsg_patch's per-call state: call the "
+            "whole model (or its encoder), not a single layer, and do not set attn_implementation='lsg' by hand "
+            "(lsg_patch.to_lsg selects it for the modules it converts)"
+        )
+    if key.shape[-2] != query.shape[-2]:
+        raise ValueError(
+            f"LSG attention got {query.shape[-2]} queries but {key.shape[-2]} keys: it keeps no key/value cache; "
+            "call the model (and generate) with use_cache=False"
+        )
+    if key.shape[1] != query.shape[1]:
+        repeats = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+    output = lsg_attention(
+        query, key, value, call.mask, call.layout, dropout_p=dropout, causal=bool(getattr(module, "is_causal", False)),
+        scale=scaling, lsh_seed=getattr(module, "layer_idx", None) or 0,
+    )  # fmt: skip
+    return output.transpose(1, 2), None
+
+
+def lsg_mask_function(*args: Any, **kwargs: Any) -> Any:
+    """Masks requested under "lsg" by modeling code (never by LSG layers, which read the call): sdpa's masks."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_with_transformers() -> None:
+    """Register the "lsg" attention and mask functions once; refuse if another function holds the key."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    with _registration_lock:
+        for interface, function in ((AttentionInterface, lsg_attention_function),
+                                    (AttentionMaskInterface, lsg_mask_function)):
+            current = interface._global_mapping.get(ATTENTION_NAME)
+            if current is None:
+                interface.register(ATTENTION_NAME, function)
+            elif current is not function:
+                raise RuntimeError(
+                    f"transformers' {interface.__name__} already holds another function under {ATTENTION_NAME!r} "
+                    f"({current!r}); lsg_patch never replaces a registered attention implementation"
+                )

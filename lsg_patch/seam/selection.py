@@ -1,0 +1,74 @@
+"""Selecting "lsg" for chosen attention modules only, and giving them back their implementation.
+
+transformers' attention modules look their implementation up in `self.config._attn_implementation`, and
+the config object is shared by every module of a model (cross-attention and decoders included). A converted
+module therefore gets a view of the model's config (`SelectedConfig`) that answers "lsg" for the attention
+implementation and reads everything else from the model's config, which stays unchanged: other modules keep
+their implementation bit for bit, later changes to the model's config still reach the converted modules, and
+`deselect` hands back the original config object.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from .interface import ATTENTION_NAME
+
+_ORIGINAL = "_lsg_original"
+
+
+class SelectedConfig:
+    """A converted attention module's `config`: the model's config, with "lsg" as attention implementation."""
+
+    _attn_implementation = ATTENTION_NAME
+
+    def __init__(self, original: Any) -> None:
+        self.__dict__[_ORIGINAL] = original
+
+    def __getattr__(self, name: str) -> Any:
+        original = self.__dict__.get(_ORIGINAL)
+        if original is None:  # during copy/unpickling, before the original is set
+            raise AttributeError(name)
+        return getattr(original, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.__dict__[_ORIGINAL], name, value)
+
+    def __repr__(self) -> str:
+        return f"SelectedConfig({ATTENTION_NAME!r} over {type(self.__dict__[_ORIGINAL]).__name__})"
+
+
+def routes_through_interface(module: nn.Module) -> bool:
+    """Whether the module's forward looks its attention up in transformers' AttentionInterface by
+    `self.config._attn_implementation` (read from the source of its own forward, not of its whole file as
+    transformers' `_can_set_attn_implementation` does)."""
+    if not hasattr(module, "config"):
+        return False
+    try:
+        source = inspect.getsource(inspect.unwrap(type(module).forward))
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source and "config._attn_implementation" in source
+
+
+def select(module: nn.Module) -> None:
+    """Make `module` run "lsg" (idempotent)."""
+    if not is_selected(module):
+        module.config = SelectedConfig(module.config)
+
+
+def deselect(module: nn.Module) -> None:
+    """Give `module` back the model's config, and with it its previous implementation."""
+    if is_selected(module):
+        module.config = module.config.__dict__[_ORIGINAL]
+
+
+def is_selected(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "config", None), SelectedConfig)
+
+
+def selected_modules(root: nn.Module) -> list[nn.Module]:
+    """Every module below `root` that runs "lsg"."""
+    return [module for module in root.modules() if is_selected(module)]
