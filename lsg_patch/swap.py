@@ -234,7 +234,7 @@ def _apply(plan: _Plan, config: Any) -> None:
     if plan.global_table is not None:
         setattr(get_submodule(base, entry.global_embeddings_parent), GLOBAL_EMBEDDINGS, plan.global_table)
     for module in plan.attention_modules:
-        seam.select(module)
+        seam.select(module, plan.lsg.layout)
     plan.adapter.install_hooks(base, entry, plan.lsg, plan.max_length)
     for key, value in plan.lsg.config_entries(entry.encoder_decoder).items():
         setattr(config, key, value)

@@ -191,3 +191,15 @@ def test_every_type_really_runs_lsg(model_type: str, head: str, monkeypatch: pyt
     with torch.no_grad():
         model(**batch_inputs(model, head))
     assert len(calls) == layers
+
+
+def test_print_shows_which_modules_run_lsg_and_how() -> None:
+    model = lsg_patch.to_lsg(build("bart", "Model"), max_length=MAX_LENGTH, **LSG)
+    text = repr(model)
+    assert "attn_implementation='lsg'" in repr(model.encoder.layers[1].self_attn)
+    assert "lsg" not in repr(model.decoder)  # decoder self- and cross-attention are not LSG
+    assert "block_size=8, sparse_block_size=8, sparsity_factor=2, sparsity_type='norm'" in text
+    lsg_patch.to_lsg(model, sparsity_type="pooling")
+    assert "sparsity_type='pooling'" in repr(model) and "sparsity_type='norm'" not in repr(model)
+    lsg_patch.from_lsg(model)
+    assert "lsg" not in repr(model)

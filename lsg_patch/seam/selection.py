@@ -5,15 +5,17 @@ the config object is shared by every module of a model (cross-attention and deco
 module therefore gets a view of the model's config (`SelectedConfig`) that answers "lsg" for the attention
 implementation and reads everything else from the model's config, which stays unchanged: other modules keep
 their implementation bit for bit, later changes to the model's config still reach the converted modules, and
-`deselect` hands back the original config object.
+`deselect` hands back the original config object. `print(model)` shows which modules run LSG and how.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
+from ..attention import AttentionLayout
 from .interface import ATTENTION_NAME
 
 _ORIGINAL = "_lsg_original"
@@ -53,8 +55,22 @@ def routes_through_interface(module: nn.Module) -> bool:
     return "ALL_ATTENTION_FUNCTIONS" in source and "config._attn_implementation" in source
 
 
-def select(module: nn.Module) -> None:
-    """Make `module` run "lsg" (idempotent)."""
+class _LSGExtraRepr:
+    """What a selected module's `extra_repr` returns: its own text plus its LSG settings (picklable)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __call__(self) -> str:
+        return self.text
+
+
+def select(module: nn.Module, layout: AttentionLayout) -> None:
+    """Make `module` run "lsg"; print(model) shows it with its layout. Re-selecting a selected module only
+    updates what is shown."""
+    settings = ", ".join(f"{f.name}={getattr(layout, f.name)!r}" for f in fields(layout))
+    own = type(module).extra_repr(module)
+    module.extra_repr = _LSGExtraRepr(", ".join(filter(None, [own, f"attn_implementation='lsg', {settings}"])))
     if not is_selected(module):
         module.config = SelectedConfig(module.config)
 
@@ -63,6 +79,7 @@ def deselect(module: nn.Module) -> None:
     """Give `module` back the model's config, and with it its previous implementation."""
     if is_selected(module):
         module.config = module.config.__dict__[_ORIGINAL]
+        module.__dict__.pop("extra_repr", None)
 
 
 def is_selected(module: nn.Module) -> bool:
