@@ -1,8 +1,11 @@
-"""A deliberately simple, dense reference of LSG attention (LSG_SPEC.md sections 6 and 7), for tests and pictures.
+"""A deliberately simple, dense reference of LSG attention (docs/LSG_SPEC.md sections 6 and 7), for tests and
+pictures.
 
-It shares nothing with lsg_patch.attention but the `AttentionLayout` record: for every query row it writes out
-the list of keys the row attends to (`attended_keys`), computes the sparse items with plain Python loops, and
-runs a float64 softmax per row. Slow on purpose; use it on tiny inputs only.
+It shares nothing with lsg_patch.attention but the `AttentionLayout` record and, for lsh, the random hyperplanes
+(`lsh_hyperplanes`, the planes the product draws for a seed): for every query row it writes out the list of keys
+the row attends to (`attended_keys`), computes the sparse items with plain Python loops (the norm/lsh chunk size
+included, written again here from its definition), and runs a float64 softmax per row. Slow on purpose; use it
+on tiny inputs only.
 
 Key lists (`attended_keys`) describe one head. Each key is `(index, kind)`:
 * kind "global": index is the global token 0..G-1.
@@ -22,6 +25,7 @@ import math
 import torch
 
 from lsg_patch.attention.layout import AttentionLayout
+from lsg_patch.attention.sparse import lsh_hyperplanes
 
 Key = tuple[int, str]
 
@@ -32,23 +36,32 @@ def attended_keys(layout: AttentionLayout, num_tokens: int, *, head: int = 0, ca
 
     head matters for "stride" and "block_stride" only. causal follows `lsg_attention(causal=True)`.
     """
-    return [_row_keys(layout, num_tokens, row, head, causal)
-            for row in range(layout.num_global_tokens + num_tokens)]
+    row_keys = _causal_row_keys if causal else _row_keys
+    return [row_keys(layout, num_tokens, row, head) for row in range(layout.num_global_tokens + num_tokens)]
 
 
 def oracle_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token_mask: torch.Tensor,
-                     layout: AttentionLayout, *, causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """Float64 LSG attention of (batch, heads, G + T, d) tensors; token_mask (batch, T) bool, True = valid."""
+                     layout: AttentionLayout, *, causal: bool = False, scale: float | None = None,
+                     lsh_seed: int = 0, lsh_planes: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Float64 LSG attention of (batch, heads, G + T, d) tensors; token_mask (batch, T) bool, True = valid.
+
+    lsh hashes with `lsh_planes` (one (heads, 1, d, k) tensor per round) or, if None, with the planes the
+    product draws for `lsh_seed`.
+    """
     query, key, value = query.double(), key.double(), value.double()
     n, h, length, d = query.shape
     g = layout.num_global_tokens
     scale = 1 / math.sqrt(d) if scale is None else scale
+    if selection(layout) == "lsh" and lsh_planes is None:
+        lsh_planes = lsh_hyperplanes(layout, h, d, seed=lsh_seed, dtype=torch.float64, device="cpu")
     out = torch.zeros_like(query)
     for head in range(h):
         rows = attended_keys(layout, length - g, head=head, causal=causal)
+        head_planes = None if lsh_planes is None else [p[head, 0].double().cpu() for p in lsh_planes]
         for b in range(n):
             valid = [bool(x) for x in token_mask[b]]
-            items = _sparse_items(query[b, head, g], key[b, head, g:], value[b, head, g:], valid, layout, scale)
+            items = _sparse_items(query[b, head, g], key[b, head, g:], value[b, head, g:], valid, layout, scale,
+                                  head_planes)
             keys = torch.cat([key[b, head], items[0]])
             values = torch.cat([value[b, head], items[1]])
             allowed = [True] * g + valid + items[2]
@@ -58,6 +71,18 @@ def oracle_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                 scores = scores.masked_fill(~torch.tensor([allowed[s] for s in sources]), -math.inf)
                 out[b, head, row] = scores.softmax(-1) @ values[sources]
     return out
+
+
+def oracle_lsh_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor, layout: AttentionLayout,
+                     lsh_planes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 lsh items (batch, heads, S, d) of keys/values (batch, heads, T, d), in item order, and their
+    validity (batch, heads, S) bool; lsh_planes: one (heads, 1, d, k) tensor per round."""
+    n, h = keys.shape[:2]
+    rows = [[_lsh_items(keys[b, head].double(), values[b, head].double(), [bool(x) for x in token_mask[b]],
+                        layout, [p[head, 0].double().cpu() for p in lsh_planes]) for head in range(h)]
+            for b in range(n)]
+    return tuple(torch.stack([torch.stack([torch.as_tensor(r[part]) for r in row]) for row in rows])
+                 for part in range(3))
 
 
 def selection(layout: AttentionLayout) -> str:
@@ -73,36 +98,67 @@ def selection(layout: AttentionLayout) -> str:
 
 
 def norm_chunk(layout: AttentionLayout) -> int:
-    """Chunk of the norm selection: the largest multiple of sf dividing bs, at most max(min(bs, sbs), sf)."""
+    """Token chunk c of norm and lsh.
+
+    The reference uses c = min(block_size, sparse_block_size), which must be a multiple of sparsity_factor and
+    divide block_size (so that chunks tile every block); lsg_patch keeps that c where it qualifies and otherwise
+    the next smaller size that does, never going below sparsity_factor (at least one item per chunk).
+    """
     sf, bs, sbs = layout.sparsity_factor, layout.block_size, layout.sparse_block_size
-    candidates = [c for c in range(1, bs + 1) if c % sf == 0 and bs % c == 0 and c <= max(min(bs, sbs), sf)]
-    return max(candidates)
+    c = max(min(bs, sbs), sf)
+    while c % sf != 0 or bs % c != 0:
+        c -= 1
+    return c
 
 
-def _row_keys(layout: AttentionLayout, t: int, row: int, head: int, causal: bool) -> list[Key]:
+def _row_keys(layout: AttentionLayout, t: int, row: int, head: int) -> list[Key]:
+    """Keys of one query row, bidirectional (LSG_SPEC section 6, items 1 and 2)."""
     g, bs = layout.num_global_tokens, layout.block_size
     keys: list[Key] = [(i, "global") for i in range(g)]
+    if row < g or t <= 2 * bs:
+        return keys + [(i, "local") for i in range(t)]
+    block = (row - g) // bs
+    items = _before_window(layout, t, block) + _after_window(layout, t, block)
+    keys += [(_sparse_index(layout, j, head), "sparse") for j in items]
+    return keys + [(i, "local") for i in range((block - 1) * bs, (block + 2) * bs) if 0 <= i < t]
+
+
+def _causal_row_keys(layout: AttentionLayout, t: int, row: int, head: int) -> list[Key]:
+    """Keys of one query row, causal (LSG_SPEC section 6 item 5, `lsg_attention(causal=True)`).
+
+    A global query sees the global keys only. A token query at position p sees the globals and, on the
+    full-attention path (T <= 2 * block_size), every token <= p; otherwise the sparse "before" window (items
+    made from tokens that precede its local window) and the tokens of its local window up to p, i.e. the
+    previous block and its own block up to p.
+    """
+    g, bs = layout.num_global_tokens, layout.block_size
+    globals_: list[Key] = [(i, "global") for i in range(g)]
     if row < g:
-        return keys if causal else keys + [(i, "local") for i in range(t)]
+        return globals_
     p = row - g
     if t <= 2 * bs:
-        return keys + [(i, "local") for i in range(t) if not causal or i <= p]
+        return globals_ + [(i, "local") for i in range(p + 1)]
     block = p // bs
-    keys += [(_sparse_index(layout, j, head), "sparse") for j in _window_items(layout, t, block, causal)]
-    return keys + [(i, "local") for i in range((block - 1) * bs, (block + 2) * bs)
-                   if 0 <= i < t and (not causal or i <= p)]
+    before: list[Key] = [(_sparse_index(layout, j, head), "sparse") for j in _before_window(layout, t, block)]
+    local: list[Key] = [(i, "local") for i in range(max(0, (block - 1) * bs), p + 1)]
+    return globals_ + before + local
 
 
-def _window_items(layout: AttentionLayout, t: int, block: int, causal: bool) -> list[int]:
-    """Sparse items of the before window, then (not causal) of the after window, that exist."""
+def _before_window(layout: AttentionLayout, t: int, block: int) -> list[int]:
+    """Sparse items [(i-1)*step - sbs, (i-1)*step) of block i that exist (none without sparse keys)."""
     if selection(layout) == "none":
         return []
-    sf, sbs = layout.sparsity_factor, layout.sparse_block_size
-    step = layout.block_size // sf
-    before = list(range((block - 1) * step - sbs, (block - 1) * step))
-    after_start = (block + 2) * step - (2 if step % 2 == 1 else 0)
-    after = [] if causal else list(range(after_start, after_start + sbs))
-    return [j for j in before + after if 0 <= j < t // sf]
+    step, sbs = layout.block_size // layout.sparsity_factor, layout.sparse_block_size
+    return [j for j in range((block - 1) * step - sbs, (block - 1) * step) if 0 <= j < t // layout.sparsity_factor]
+
+
+def _after_window(layout: AttentionLayout, t: int, block: int) -> list[int]:
+    """Sparse items [(i+2)*step, +sbs) of block i that exist, started 2 items earlier when step is odd."""
+    if selection(layout) == "none":
+        return []
+    step, sbs = layout.block_size // layout.sparsity_factor, layout.sparse_block_size
+    start = (block + 2) * step - (2 if step % 2 == 1 else 0)
+    return [j for j in range(start, start + sbs) if 0 <= j < t // layout.sparsity_factor]
 
 
 def _sparse_index(layout: AttentionLayout, item: int, head: int) -> int:
@@ -128,23 +184,26 @@ def _source(layout: AttentionLayout, t: int, key: Key) -> int:
 
 
 def _sparse_items(q_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: list[bool],
-                  layout: AttentionLayout, scale: float) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+                  layout: AttentionLayout, scale: float, lsh_planes: list[torch.Tensor] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Sparse items of one (batch row, head) for the pooled/chosen selections: keys, values, valid flags.
 
-    None on the full-attention path (at most 2 blocks).
+    Empty on the full-attention path (at most 2 blocks). lsh_planes: this head's (d, k) planes, one per round.
     """
     kind, sf = selection(layout), layout.sparsity_factor
     empty = keys[:0]
     if kind in {"none", "raw", "stride", "block_stride"} or len(valid) <= 2 * layout.block_size:
         return empty, empty, []
     if kind == "lsh":
-        raise NotImplementedError("lsh is random; the oracle covers it only where it runs bos_pooling or sf == 1")
+        assert lsh_planes is not None
+        return _lsh_items(keys, values, valid, layout, lsh_planes)
     item_keys, item_values, item_valid = [], [], []
     if kind == "norm":
         c = norm_chunk(layout)
         for start in range(0, len(valid), c):
+            # masked tokens count as norm 0; the c / sf largest are kept, listed by ascending (norm, position)
             norms = [keys[start + i].detach().norm().item() if valid[start + i] else 0.0 for i in range(c)]
-            chosen = sorted(range(c), key=lambda i: norms[i])[c - c // sf:]
+            chosen = sorted(range(c), key=lambda i: (norms[i], i))[c - c // sf:]
             item_keys += [keys[start + i] for i in chosen]
             item_values += [values[start + i] for i in chosen]
             item_valid += [valid[start + i] for i in chosen]
@@ -156,6 +215,47 @@ def _sparse_items(q_first: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             item_values.append(sum(w * values[i] for w, i in zip(weights, members)))
             item_valid.append(any(valid[i] for i in members))
     return torch.stack(item_keys), torch.stack(item_values), item_valid
+
+
+def _lsh_items(keys: torch.Tensor, values: torch.Tensor, valid: list[bool], layout: AttentionLayout,
+               planes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """lsh items of one (batch row, head), from LSG_SPEC section 7, tracking which tokens end up in each bucket.
+
+    Per chunk of c tokens, every valid token starts as its own bucket (a masked token is a zero key that counts
+    for nothing, so it joins none); each pre-round rehashes the buckets into c buckets, the last round into
+    c / sf, a bucket going where its key sum points. An item is the sum of its tokens / (count + 1e-8), masked
+    iff it has no token.
+    """
+    c, sf = norm_chunk(layout), layout.sparsity_factor
+    rounds = [c] * layout.lsh_num_pre_rounds + [c // sf]
+    assert len(planes) == len(rounds), (len(planes), len(rounds))
+    item_keys, item_values, item_valid = [], [], []
+    for start in range(0, len(valid), c):
+        buckets: list[list[int]] = [[start + i] if valid[start + i] else [] for i in range(c)]
+        for count, plane in zip(rounds, planes):
+            assert plane.shape == (keys.shape[-1], max(count // 2, 1)), (plane.shape, count)
+            merged: list[list[int]] = [[] for _ in range(count)]
+            for members in buckets:
+                if members:  # an empty bucket is a zero key: it adds nothing wherever it goes
+                    merged[_lsh_bucket(sum(keys[m] for m in members), plane, count)] += members
+            buckets = merged
+        for members in buckets:
+            item_keys.append(sum((keys[m] for m in members), keys.new_zeros(keys.shape[-1])) / (len(members) + 1e-8))
+            item_values.append(sum((values[m] for m in members), values.new_zeros(values.shape[-1]))
+                               / (len(members) + 1e-8))
+            item_valid.append(bool(members))
+    return torch.stack(item_keys), torch.stack(item_values), item_valid
+
+
+def _lsh_bucket(key: torch.Tensor, plane: torch.Tensor, count: int) -> int:
+    """Bucket of a key among `count`: the first maximum of [x.P_0 .. x.P_k-1, -x.P_0 .. -x.P_k-1] for the
+    key's direction x (k = count // 2 planes; an odd count leaves the last bucket empty); one bucket takes all."""
+    if count == 1:
+        return 0
+    direction = key / max(key.norm().item(), 1e-12)
+    dots = [float(direction @ plane[:, j]) for j in range(count // 2)]
+    candidates = dots + [-x for x in dots]
+    return candidates.index(max(candidates))
 
 
 def _group_weights(q_first: torch.Tensor, keys: torch.Tensor, valid: list[bool], members: range, kind: str,

@@ -204,7 +204,9 @@ def lsh_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor
                          f"(lsh_num_pre_rounds={layout.lsh_num_pre_rounds} + 1), got {len(planes)}")
     for buckets, round_planes in zip(rounds, planes):
         keys, values, count = _lsh_round(keys, values, count, buckets, round_planes)
-    return SparseItems((keys / (count + 1e-8)).flatten(2, 3), (values / (count + 1e-8)).flatten(2, 3),
+    # 1e-8 vanishes in float16: an empty bucket (masked anyway) divides by 1 instead of making 0 / 0 = NaN
+    denominator = torch.where(count > 0, count + 1e-8, torch.ones_like(count))
+    return SparseItems((keys / denominator).flatten(2, 3), (values / denominator).flatten(2, 3),
                        (count > 0).flatten(2))
 
 
@@ -216,12 +218,22 @@ def _lsh_round(keys: torch.Tensor, values: torch.Tensor, count: torch.Tensor, bu
     (planes: (heads, 1, d, max(buckets // 2, 1))), as in the reference: with an odd count the last bucket stays
     empty. A single bucket takes every key (the reference fails there).
     """
-    n, h, b, t, d = keys.shape
     with torch.no_grad():
         projections = F.normalize(keys, dim=-1) @ planes
         bucket = torch.cat([projections, -projections], dim=-1).argmax(dim=-1, keepdim=True) % buckets
+    return _bucket_sum(keys, bucket, buckets), _bucket_sum(values, bucket, buckets), _bucket_sum(count, bucket, buckets)
 
-    def bucket_sum(x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(n, h, b, buckets, x.shape[-1]).scatter_add(3, bucket.expand_as(x), x)
 
-    return bucket_sum(keys), bucket_sum(values), bucket_sum(count)
+def _bucket_sum(x: torch.Tensor, bucket: torch.Tensor, buckets: int, *, one_hot: bool | None = None) -> torch.Tensor:
+    """Rows of x (batch, heads, chunks, rows, e) summed per bucket (bucket: (batch, heads, chunks, rows, 1)).
+
+    Bit-reproducible on every device: on CPU scatter_add adds in a fixed order and is cheapest; on GPUs its
+    atomic adds run in a varying order (two calls would differ in the last bits), so there a one-hot matrix
+    product sums instead (exact products; under TF32 matmuls float32 rows get TF32 precision, like every other
+    matmul of the model). one_hot forces the choice (tests).
+    """
+    if one_hot is None:
+        one_hot = x.device.type != "cpu"
+    if not one_hot:
+        return x.new_zeros(*x.shape[:3], buckets, x.shape[-1]).scatter_add(3, bucket.expand_as(x), x)
+    return F.one_hot(bucket.squeeze(-1), buckets).to(x.dtype).transpose(-1, -2) @ x
