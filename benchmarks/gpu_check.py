@@ -1,0 +1,539 @@
+#!/usr/bin/env python
+"""GPU evidence in one command: lsg_patch's correctness on a device, then LSG attention's time and memory there.
+
+    python benchmarks/gpu_check.py                           # CUDA when present: full run
+    python benchmarks/gpu_check.py --device cpu --quick      # CPU smoke run (tests/test_gpu_check.py)
+
+1. Correctness on the device, one PASS/FAIL line per check as it runs (exit code 1 if any fails):
+   * every golden case (tests/golden) with model and inputs on the device: float32 against the recorded outputs
+     at atol 1e-5 (as tests/test_golden.py), bf16 and fp16 (`model.to(dtype)`) against the same float32 outputs;
+   * the attention product against the dense float64 CPU oracle (tests/oracle.py) for every sparsity type,
+     causal and not, on a padded batch, in every dtype; and its float32 gradients against float64 autograd
+     through the oracle;
+   * the backend `backend_for` picks for the device ("portable" everywhere but the CPU).
+2. Time (median of 5 runs after 2 warm-ups) and peak memory (CUDA) of `lsg_attention` (auto backend) against
+   dense `scaled_dot_product_attention` on the same tensors, forward and forward+backward; without --quick also
+   a BERT-base model converted with `to_lsg` against the same shape with sdpa, forward only.
+3. A markdown report (--out: date, device, versions, command, both tables), also printed at the end.
+
+fp16 is left out on the CPU. A CPU run without --quick uses the GPU sizes (up to 32768 tokens): it takes long.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.util
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # lsg_patch from this checkout, whether or not it is pip-installed
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import lsg_patch  # noqa: E402
+from lsg_patch.attention import AttentionLayout, lsg_attention, prepare_mask  # noqa: E402
+from lsg_patch.attention.backends import BACKEND_VARIABLE, backend_for, requested_backend  # noqa: E402
+
+SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling", "lsh")
+GOLDEN_ATOL = 1e-5  # tests/test_golden.py
+PRODUCT_ATOL = 1e-4  # float32 against float64: observed <= 2e-6 on the CPU
+SELECTION_RTOL = 1e-1  # low-precision golden cases that pick keys by norm (see `golden_tolerance`)
+WARMUP, RUNS = 2, 5
+MODES = ("forward", "train")
+# the attention product's test input: batch 2 (row 1 padded), 3 heads of 16, 2 globals, 6 blocks of 8 tokens
+PRODUCT_BATCH, PRODUCT_HEADS, PRODUCT_HEAD_DIM, PRODUCT_TOKENS, PRODUCT_SECOND_ROW = 2, 3, 16, 48, 37
+OUTPUT_FIELDS = {"decoder_last_hidden_state": "last_hidden_state"}  # recorded name -> model output field
+
+
+def load_repo_module(relative: str, name: str) -> ModuleType:
+    """A module of this checkout by path: tests/ and benchmarks/ are namespace packages, which a regular package
+    of the same name in site-packages would shadow."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+oracle = load_repo_module("tests/oracle.py", "oracle")
+golden = load_repo_module("tests/golden_cases.py", "golden_cases")
+bench = load_repo_module("benchmarks/run.py", "bench_run")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Correctness
+
+
+@dataclass
+class Check:
+    """One correctness check as the report shows it."""
+
+    name: str
+    dtype: str
+    error: str
+    tolerance: str
+    passed: bool
+    note: str = ""
+
+    def line(self) -> str:
+        note = f"  ({self.note})" if self.note else ""
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"{verdict}  {self.name} [{self.dtype}] {self.error}, tolerance {self.tolerance}{note}"
+
+
+def add(checks: list[Check], check: Check) -> None:
+    """Keep a check and print its line at once, so a hang or crash on the device still shows how far it got."""
+    checks.append(check)
+    print(check.line(), flush=True)
+
+
+def record(checks: list[Check], name: str, dtype: torch.dtype, compute: Callable[[], tuple[str, float, float]]
+           ) -> None:
+    """Run one numeric check (compute returns metric, error, tolerance). An exception fails that check only, so
+    one device error does not hide the others."""
+    try:
+        metric, error, tolerance = compute()
+        check = Check(name, dtype_name(dtype), f"{metric} {error:.2e}", f"{tolerance:.2g}",
+                      math.isfinite(error) and error <= tolerance)
+    except Exception as exc:  # noqa: BLE001 - reported as this check's FAIL
+        message = (str(exc).strip().splitlines() or [""])[0][:200]
+        check = Check(name, dtype_name(dtype), "error", "-", False, f"{type(exc).__name__}: {message}")
+    add(checks, check)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the report's spelling."""
+    return str(dtype).removeprefix("torch.")
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Frobenius norm of the difference over that of the reference (float64; NaN stays NaN)."""
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference, in float64 (NaN stays NaN); a shape mismatch is an error, not a broadcast."""
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def low_precision_tolerance(dtype: torch.dtype) -> float:
+    """Relative error allowed to a bf16/fp16 result against a float32/float64 reference: 4 machine epsilons
+    (bf16 3.1e-2, fp16 3.9e-3). Rounding at every op puts these results at 0.6 to 1.5 eps on the CPU."""
+    return 4 * torch.finfo(dtype).eps
+
+
+def backend_checks(device: torch.device, checks: list[Check]) -> None:
+    """The backend backend_for picks: "portable" on every device but the CPU; on those, forcing the CPU-only
+    "cpu_fused" must be refused too, so that no CPU-only op is reachable there."""
+    setting = f"{BACKEND_VARIABLE}={os.environ.get(BACKEND_VARIABLE, '(unset)')}"
+    try:
+        chosen, requested = backend_for(device), requested_backend()
+    except ValueError as exc:
+        add(checks, Check("backend", "-", "error", "-", False, f"{setting}: {exc}"))
+        return
+    expected = "portable" if device.type != "cpu" else ("cpu_fused" if requested == "auto" else requested)
+    add(checks, Check("backend", "-", chosen, expected, chosen == expected, setting))
+    if device.type == "cpu":
+        return
+    previous = os.environ.get(BACKEND_VARIABLE)
+    os.environ[BACKEND_VARIABLE] = "cpu_fused"
+    try:
+        backend_for(device)
+        refused = False
+    except ValueError:
+        refused = True
+    finally:
+        if previous is None:
+            del os.environ[BACKEND_VARIABLE]
+        else:
+            os.environ[BACKEND_VARIABLE] = previous
+    add(checks, Check("backend cpu_fused forced", "-", "refused" if refused else "accepted", "refused", refused))
+
+
+def golden_checks(device: torch.device, dtypes: list[torch.dtype], checks: list[Check]) -> None:
+    """Every golden case in every dtype, model and inputs on the device (one model per case and dtype)."""
+    for name in golden.case_names():
+        case = golden.load_case(name)
+        for dtype in dtypes:
+            record(checks, f"golden {name}", dtype, lambda: golden_error(case, device, dtype))
+
+
+def golden_error(case: Any, device: torch.device, dtype: torch.dtype) -> tuple[str, float, float]:
+    """The worst error over the case's recorded outputs: max abs in float32, relative in bf16/fp16."""
+    model = golden_model(case).to(device=device, dtype=dtype)
+    inputs = {key: value.to(device) for key, value in case.prefixed("inputs.").items()}
+    with torch.no_grad():
+        out = model(**inputs)
+    expected = case.prefixed("outputs.")
+    actual = {key: getattr(out, OUTPUT_FIELDS.get(key, key)).float().cpu() for key in expected}
+    if dtype == torch.float32:
+        return "max abs", max(max_abs_error(actual[k], v) for k, v in expected.items()), GOLDEN_ATOL
+    return "rel", max(relative_error(actual[k], v) for k, v in expected.items()), golden_tolerance(case, dtype)
+
+
+def golden_model(case: Any) -> torch.nn.Module:
+    """The case's LSG model, built on the CPU as tests/test_golden*.py build it (convert_bert: converted)."""
+    if case.model_type == "bart":
+        return golden.lsg_seq2seq_model_for(case)
+    if "conversion" not in case.meta:
+        return golden.lsg_model_for(case)
+    conversion = case.meta["conversion"]
+    model = golden.plain_model(case, conversion["source_config"])
+    model.load_state_dict(load_file(str(golden.GOLDEN / case.meta["files"]["source"])), strict=True)
+    lsg_patch.to_lsg(model, max_length=conversion["max_sequence_length"], bos_token_id=conversion["bos_id"],
+                     mask_token_id=conversion["mask_id"],
+                     global_positional_stride=conversion["global_positional_stride"], **case.lsg_params)
+    return model
+
+
+def golden_tolerance(case: Any, dtype: torch.dtype) -> float:
+    """Relative tolerance of a bf16/fp16 golden output against the recorded float32 one.
+
+    Cases that pick sparse keys by norm get SELECTION_RTOL: their recorded norm margins go down to 2e-4
+    (norm_min_selection_gap), below bf16/fp16 resolution, so low precision legitimately picks other keys in a
+    few chunks of these peaked (init std 0.2) models; on the CPU that gives up to 5e-2, moving by 2x when the
+    weights move by 1e-3. A device bug (wrong keys, masks or dtype) gives O(1) or NaN. Others: 4 eps.
+    """
+    params = case.lsg_params
+    tokens = case.tensors["inputs.input_ids"].shape[1]
+    selects = (params["sparsity_type"] in ("norm", "lsh") and params["sparse_block_size"] > 0
+               and params["sparsity_factor"] > 1 and tokens > 2 * params["block_size"])
+    return SELECTION_RTOL if selects else low_precision_tolerance(dtype)
+
+
+def product_case(kind: str) -> tuple[AttentionLayout, tuple[torch.Tensor, ...], torch.Tensor]:
+    """Layout, float64 CPU (query, key, value) and token mask of the product checks for one sparsity type.
+
+    For norm, token keys get distinct norms 1.5% to 5% apart: norm picks the largest keys of each chunk, and
+    with that margin rounding to bf16/fp16 (0.4% / 0.05%) cannot change the pick, so every dtype attends to
+    the keys the oracle attends to.
+    """
+    layout = AttentionLayout(num_global_tokens=2, block_size=8, sparse_block_size=8, sparsity_factor=2,
+                             sparsity_type=kind)
+    g, t = layout.num_global_tokens, PRODUCT_TOKENS
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = torch.randn(3, PRODUCT_BATCH, PRODUCT_HEADS, g + t, PRODUCT_HEAD_DIM,
+                                    generator=generator, dtype=torch.float64)
+    if kind == "norm":
+        levels = 1 + 0.05 * torch.randperm(t, generator=generator).double()
+        tokens = key[:, :, g:]
+        key[:, :, g:] = tokens / tokens.norm(dim=-1, keepdim=True) * levels[:, None]
+    token_mask = torch.arange(t) < torch.tensor([[t], [PRODUCT_SECOND_ROW]])
+    return layout, (query, key, value), token_mask
+
+
+def product_checks(device: torch.device, dtypes: list[torch.dtype], checks: list[Check]) -> None:
+    """Forward in every dtype and float32 gradients, for every sparsity type, causal and not."""
+    for kind in SPARSITY_TYPES:
+        for causal in (False, True):
+            suffix = " causal" if causal else ""
+            for dtype in dtypes:
+                record(checks, f"product {kind}{suffix}", dtype, lambda: product_error(kind, causal, device, dtype))
+            record(checks, f"gradient {kind}{suffix}", torch.float32, lambda: gradient_error(kind, causal, device))
+
+
+def product_error(kind: str, causal: bool, device: torch.device, dtype: torch.dtype) -> tuple[str, float, float]:
+    """lsg_attention on the device against the float64 oracle on the CPU (on the unrounded inputs)."""
+    layout, qkv, token_mask = product_case(kind)
+    expected = oracle.oracle_attention(*qkv, token_mask, layout, causal=causal)
+    mask = prepare_mask(token_mask.to(device), layout)
+    out = lsg_attention(*(x.to(device=device, dtype=dtype) for x in qkv), mask, layout, causal=causal)
+    if dtype == torch.float32:
+        return "max abs", max_abs_error(out.cpu(), expected), PRODUCT_ATOL
+    return "rel", relative_error(out.cpu(), expected), low_precision_tolerance(dtype)
+
+
+def gradient_error(kind: str, causal: bool, device: torch.device) -> tuple[str, float, float]:
+    """Query, key and value gradients of the float32 product on the device against float64 autograd through
+    the oracle on the CPU, for one random output gradient; the worst of the three."""
+    layout, qkv, token_mask = product_case(kind)
+    grad_out = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in qkv]
+    expected = torch.autograd.grad(oracle.oracle_attention(*leaves, token_mask, layout, causal=causal), leaves,
+                                   grad_out)
+    inputs = [x.to(device=device, dtype=torch.float32).requires_grad_() for x in qkv]
+    out = lsg_attention(*inputs, prepare_mask(token_mask.to(device), layout), layout, causal=causal)
+    actual = torch.autograd.grad(out, inputs, grad_out.to(device=device, dtype=torch.float32))
+    return "max abs", max(max_abs_error(a.cpu(), e) for a, e in zip(actual, expected)), PRODUCT_ATOL
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Time and memory
+
+
+@dataclass
+class Measurement:
+    """Median milliseconds and peak MiB (CUDA only) of one step, or why there are none ("OOM", an error)."""
+
+    ms: float | None = None
+    peak_mib: float | None = None
+    status: str = "ok"
+
+
+@dataclass
+class Timing:
+    """One row of the timing table: LSG and dense on the same input."""
+
+    what: str
+    tokens: int
+    dtype: str
+    mode: str
+    lsg: Measurement
+    dense: Measurement
+
+    def line(self) -> str:
+        return (f"TIME  {self.what} {self.tokens} tokens [{self.dtype}] {self.mode}: "
+                f"lsg {show_ms(self.lsg)} ms, dense {show_ms(self.dense)} ms")
+
+
+def measure(step: Callable[[], object], device: torch.device) -> Measurement:
+    """Median wall time of RUNS steps after WARMUP, synchronised on CUDA; there also the peak memory the timed
+    steps allocate above what was allocated before them (inputs, model): activations, saved tensors,
+    gradients, workspaces. Out of memory is a result ("OOM"), as is any other error, not the end of the run."""
+    cuda = device.type == "cuda"
+    try:
+        for _ in range(WARMUP):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(RUNS):
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
+        return Measurement(statistics.median(times) * 1e3, peak)
+    except torch.cuda.OutOfMemoryError:
+        return Measurement(status="OOM")
+    except Exception as exc:  # noqa: BLE001 - shown in the table and failing the run
+        return Measurement(status=f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}")
+
+
+def release(device: torch.device) -> None:
+    """Hand freed memory back between measurements, so one row's cache does not count against the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def attention_step(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], mode: str
+                   ) -> Callable[[], object]:
+    """forward: no_grad. train: forward and backward to the inputs (autograd.grad: the gradients are freed)."""
+    if mode == "forward":
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return fn(*inputs)
+        return forward
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    return lambda: torch.autograd.grad(fn(*leaves).sum(), leaves)
+
+
+def attention_rows(device: torch.device, tokens: int, dtype: torch.dtype, heads: int, head_dim: int
+                   ) -> list[Timing]:
+    """LSG (the project's default layout, auto backend) and dense SDPA on the same (1, heads, 1 + T, d) tensors."""
+    layout = AttentionLayout()  # block 128, sparse block 128, sparsity factor 2, norm, 1 global token
+    inputs = tuple(torch.randn(1, heads, layout.num_global_tokens + tokens, head_dim, device=device, dtype=dtype)
+                   for _ in range(3))
+    mask = prepare_mask(torch.ones(1, tokens, dtype=torch.bool, device=device), layout)
+
+    def lsg(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return lsg_attention(query, key, value, mask, layout)
+
+    rows = []
+    for mode in MODES:
+        lsg_time = measure(attention_step(lsg, inputs, mode), device)
+        release(device)
+        dense_time = measure(attention_step(F.scaled_dot_product_attention, inputs, mode), device)
+        release(device)
+        rows.append(Timing("attention", tokens, dtype_name(dtype), mode, lsg_time, dense_time))
+        print(rows[-1].line(), flush=True)
+    return rows
+
+
+def model_rows(device: torch.device, dtype: torch.dtype, lengths: tuple[int, ...]) -> list[Timing]:
+    """BERT-base (random weights) converted with to_lsg (512 positions extended to the longest length) against
+    the same shape with sdpa and a position table that long; forward only, built as benchmarks/run.py does."""
+    shape, max_length = bench.SHAPES["base"], max(lengths)
+    models = {key: bench.build_model(bench.SYSTEMS[key], shape, max_length).to(device=device, dtype=dtype).eval()
+              for key in (bench.DEFAULT_LSG, "sdpa")}
+    rows = []
+    for length in lengths:
+        times = {}
+        for key, model in models.items():
+            inputs = {k: v.to(device) for k, v in bench.make_inputs(bench.SYSTEMS[key], length).items()}
+            times[key] = measure(lambda: bench.forward_step(model, inputs), device)
+            release(device)
+        rows.append(Timing("BERT-base model", length, dtype_name(dtype), "forward", times[bench.DEFAULT_LSG],
+                           times["sdpa"]))
+        print(rows[-1].line(), flush=True)
+    return rows
+
+
+def timing_rows(device: torch.device, quick: bool) -> list[Timing]:
+    """Attention rows (bf16 on CUDA, with float32 at 4096 for reference; float32 elsewhere) and, without
+    --quick, the model rows."""
+    main_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if quick:
+        heads, head_dim, configs = 2, 32, [(256, main_dtype), (512, main_dtype)]
+    else:
+        heads, head_dim = 12, 64
+        configs = [(tokens, main_dtype) for tokens in (4096, 16384, 32768)]
+        if main_dtype != torch.float32:
+            configs.insert(1, (4096, torch.float32))
+    torch.manual_seed(0)
+    rows = [row for tokens, dtype in configs for row in attention_rows(device, tokens, dtype, heads, head_dim)]
+    if not quick:
+        rows += model_rows(device, main_dtype, (4096, 16384))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def show_ms(m: Measurement) -> str:
+    """The table's time cell: milliseconds, or why there are none."""
+    return f"{m.ms:.2f}" if m.status == "ok" else m.status
+
+
+def show_mib(m: Measurement) -> str:
+    """The table's memory cell: MiB, n/a off CUDA, OOM, or "-" after an error (the time cell says which)."""
+    if m.status != "ok":
+        return "OOM" if m.status == "OOM" else "-"
+    return "n/a" if m.peak_mib is None else f"{m.peak_mib:.0f}"
+
+
+def device_description(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and how many threads torch uses."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({device}, CUDA {torch.version.cuda})"
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")]
+        name = models[0] if models else name
+    return f"CPU: {name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def checkout() -> str:
+    """The git commit of this checkout (+ "dirty" when the working tree differs), or "unknown" without git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}{' (dirty)' if dirty else ''}"
+
+
+def render(device: torch.device, dtypes: list[torch.dtype], quick: bool, checks: list[Check],
+           timings: list[Timing], seconds: float) -> str:
+    """The markdown report: header (date, device, versions, command), correctness table, timing table."""
+    failed = sum(not c.passed for c in checks) + sum(m.status.startswith("error") for t in timings
+                                                     for m in (t.lsg, t.dense))
+    lines = [
+        f"# GPU check: lsg_patch on {device_description(device)}", "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, lsg_patch {getattr(lsg_patch, '__version__', '?')}, checkout {checkout()}",
+        f"- command: `{shlex.join(['python', *sys.argv])}`",
+        f"- took {seconds:.0f} s; result: " + (f"FAIL ({failed} failed)" if failed else
+                                               f"all {len(checks)} checks PASS"),
+        "", "## Correctness on the device", "",
+        f"dtypes: {', '.join(dtype_name(d) for d in dtypes)}"
+        + ("" if torch.float16 in dtypes else " (fp16 is not run on the CPU)") + ". "
+        f"golden: the tests/golden cases, model and inputs on the device, against the recorded float32 outputs "
+        f"(float32: max abs <= {GOLDEN_ATOL:g}; bf16/fp16: relative Frobenius error <= 4 eps of the dtype, or "
+        f"<= {SELECTION_RTOL:g} for cases that pick keys by norm, whose recorded norm margins are below bf16/fp16 "
+        f"resolution). product: `lsg_attention` on the device against the float64 CPU oracle (tests/oracle.py), "
+        f"batch {PRODUCT_BATCH} with row 1 padded to {PRODUCT_SECOND_ROW} of {PRODUCT_TOKENS} tokens, "
+        f"{PRODUCT_HEADS} heads of {PRODUCT_HEAD_DIM}, 2 globals, block 8, sparse block 8, factor 2 "
+        f"(float32: max abs <= {PRODUCT_ATOL:g}; bf16/fp16: relative <= 4 eps, bf16 "
+        f"{low_precision_tolerance(torch.bfloat16):.2g}, fp16 {low_precision_tolerance(torch.float16):.2g}). "
+        f"gradient: float32 query/key/value gradients on the device against float64 autograd through the oracle "
+        f"(max abs <= {PRODUCT_ATOL:g}).", "",
+        "| check | dtype | error | tolerance | result |", "|---|---|---|---|---|",
+    ]
+    lines += [f"| {c.name} | {c.dtype} | {c.error} | {c.tolerance} | {'PASS' if c.passed else 'FAIL'}"
+              f"{' (' + c.note + ')' if c.note else ''} |" for c in checks]
+    memory = ("peak MiB: `torch.cuda.max_memory_allocated` during the timed runs minus what was allocated before "
+              "them (inputs, model)" if device.type == "cuda" else "peak memory: n/a (not measured off CUDA)")
+    lines += [
+        "", "## Time and memory", "",
+        f"Median of {RUNS} runs after {WARMUP} warm-ups, batch 1. attention: `lsg_attention` (layout block 128, "
+        f"sparse block 128, factor 2, norm, 1 global; default backend) against dense "
+        f"`scaled_dot_product_attention` on the same (1, heads, 1 + T, d) tensors "
+        f"({'2 heads of 32' if quick else '12 heads of 64'}); forward under no_grad, train = forward + backward "
+        f"to q, k, v. "
+        + ("" if quick else "BERT-base model: 12 layers, hidden 768, `to_lsg(max_length=16384)` against sdpa, "
+           "forward. ") + f"{memory}.", "",
+        "| what | tokens | dtype | mode | LSG ms | dense ms | dense/LSG | LSG peak MiB | dense peak MiB |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for t in timings:
+        ratio = f"{t.dense.ms / t.lsg.ms:.2f}" if t.lsg.status == t.dense.status == "ok" else "-"
+        lines.append(f"| {t.what} | {t.tokens} | {t.dtype} | {t.mode} | {show_ms(t.lsg)} | {show_ms(t.dense)} | "
+                     f"{ratio} | {show_mib(t.lsg)} | {show_mib(t.dense)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every check, then the timings; write and print the report; 1 if anything failed."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny timing rows (256 and 512 tokens), no model rows")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.md")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+    device = torch.device(args.device)
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device.type != "cpu" else [])
+    started = time.perf_counter()
+    print(f"gpu_check on {device_description(device)}, dtypes {', '.join(map(dtype_name, dtypes))}", flush=True)
+    checks: list[Check] = []
+    backend_checks(device, checks)
+    golden_checks(device, dtypes, checks)
+    product_checks(device, dtypes, checks)
+    timings = timing_rows(device, args.quick)
+    report = render(device, dtypes, args.quick, checks, timings, time.perf_counter() - started)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print("\n" + report, flush=True)
+    failures = [c.line() for c in checks if not c.passed] + [
+        t.line() for t in timings if "error" in (t.lsg.status + t.dense.status)]
+    if failures:
+        print(f"FAIL: {len(failures)} failed (report: {args.out})\n" + "\n".join(failures), flush=True)
+        return 1
+    print(f"PASS: all {len(checks)} checks (report: {args.out})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
