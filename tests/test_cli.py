@@ -84,8 +84,7 @@ def test_a_missing_input_fails_with_one_line_and_writes_nothing(tmp_path) -> Non
 
 def test_installed_entry_point(converted) -> None:
     executable = shutil.which("lsg-patch")
-    if executable is None:
-        pytest.skip("lsg-patch is not on PATH (pip install -e . installs it)")
+    assert executable is not None, "lsg-patch is not installed next to this Python (pip install -e . installs it)"
     result = subprocess.run([executable, "info", str(converted[0])], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "LSG checkpoint, saved by lsg_patch; max length 512" in result.stdout
 

@@ -16,13 +16,13 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    GPT2Config,
-    GPT2Model,
+    OPTConfig,
+    OPTModel,
 )
 
 import lsg_patch
 from lsg_patch.config import option_names
-from tiny_models import BERT_FAMILY, tiny_config, tiny_model
+from tiny_models import BERT_FAMILY, tiny_model
 
 HEADS = (AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
          AutoModelForQuestionAnswering, AutoModelForMultipleChoice, AutoModelForPreTraining)  # fmt: skip
@@ -164,8 +164,9 @@ def test_bad_options_raise_and_leave_the_model_unchanged(options, message):
 
 
 def test_unsupported_models_are_named_with_the_supported_list():
-    with pytest.raises(ValueError, match="model_type 'gpt2' .*supported model types: .*bert.*roberta"):
-        lsg_patch.to_lsg(GPT2Model(GPT2Config(n_layer=1, n_embd=32, n_head=4)))
+    with pytest.raises(ValueError, match="model_type 'opt' .*supported model types: .*bert.*roberta"):
+        lsg_patch.to_lsg(OPTModel(OPTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, ffn_dim=64,
+                                            word_embed_proj_dim=32)))
     with pytest.raises(ValueError, match="cannot convert a Linear.*supported model types"):
         lsg_patch.to_lsg(nn.Linear(2, 2))
 
@@ -222,19 +223,28 @@ def test_each_row_of_a_padded_batch_equals_that_row_alone(
 
 
 def test_deepcopy_keeps_the_patch():
+    """A deep copy is an independent LSG model: same outputs, and its own global table (changing the copy's
+    table changes the copy's outputs and leaves the original's alone)."""
     model = lsg_patch.to_lsg(tiny_model("bert"), max_length=128, **SMALL)
     twin = copy.deepcopy(model)
+    assert lsg_patch.is_lsg_model(twin)
     ids = torch.randint(5, 90, (1, 50))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).last_hidden_state, twin(input_ids=ids).last_hidden_state)
-    assert lsg_patch.is_lsg_model(twin)
+        before = model(input_ids=ids).last_hidden_state
+        assert torch.equal(twin(input_ids=ids).last_hidden_state, before)
+        twin.embeddings.global_embeddings.weight.add_(1.0)
+        assert not torch.equal(twin(input_ids=ids).last_hidden_state, before)  # the copy reads its own table
+        assert torch.equal(model(input_ids=ids).last_hidden_state, before)  # and the original does not see it
 
 
 def test_options_are_the_reference_names():
     assert set(option_names()) == {"block_size", "sparse_block_size", "sparsity_factor", "sparsity_type",
                                    "num_global_tokens", "mask_first_token", "pool_with_global", "adaptive",
                                    "lsh_num_pre_rounds", "pass_global_tokens_to_decoder"}  # fmt: skip
-    assert tiny_config("bert") is not None
+    chosen = dict(block_size=8, sparse_block_size=2, sparsity_factor=4, sparsity_type="stride", num_global_tokens=3,
+                  mask_first_token=True, pool_with_global=True, adaptive=False, lsh_num_pre_rounds=2)
+    model = lsg_patch.to_lsg(tiny_model("bert"), max_length=128, **chosen)
+    assert {name: getattr(model.config, name) for name in chosen} == chosen  # stored under the reference's names
 
 
 def test_random_global_init_is_seeded():

@@ -49,7 +49,7 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
         key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
     output = lsg_attention(
         query, key, value, call.mask, call.layout, dropout_p=dropout, causal=bool(getattr(module, "is_causal", False)),
-        scale=scaling, lsh_seed=getattr(module, "layer_idx", None) or 0,
+        scale=scaling, lsh_seed=module.config.lsh_seed,
     )  # fmt: skip
     return output.transpose(1, 2), None
 

@@ -22,12 +22,17 @@ _ORIGINAL = "_lsg_original"
 
 
 class SelectedConfig:
-    """A converted attention module's `config`: the model's config, with "lsg" as attention implementation."""
+    """A converted attention module's `config`: the model's config, with "lsg" as attention implementation.
+
+    lsh_seed: the seed of this module's lsh hyperplanes (its position among the converted modules), so that
+    layers hash differently, and each the same way on every call.
+    """
 
     _attn_implementation = ATTENTION_NAME
 
-    def __init__(self, original: Any) -> None:
+    def __init__(self, original: Any, lsh_seed: int) -> None:
         self.__dict__[_ORIGINAL] = original
+        self.__dict__["lsh_seed"] = lsh_seed
 
     def __getattr__(self, name: str) -> Any:
         original = self.__dict__.get(_ORIGINAL)
@@ -65,14 +70,14 @@ class _LSGExtraRepr:
         return self.text
 
 
-def select(module: nn.Module, layout: AttentionLayout) -> None:
-    """Make `module` run "lsg"; print(model) shows it with its layout. Re-selecting a selected module only
-    updates what is shown."""
+def select(module: nn.Module, layout: AttentionLayout, lsh_seed: int) -> None:
+    """Make `module` run "lsg" (hashing with `lsh_seed` if its layout is lsh); print(model) shows it with its
+    layout. Re-selecting a selected module only updates what is shown."""
     settings = ", ".join(f"{f.name}={getattr(layout, f.name)!r}" for f in fields(layout))
     own = type(module).extra_repr(module)
     module.extra_repr = _LSGExtraRepr(", ".join(filter(None, [own, f"attn_implementation='lsg', {settings}"])))
     if not is_selected(module):
-        module.config = SelectedConfig(module.config)
+        module.config = SelectedConfig(module.config, lsh_seed)
 
 
 def deselect(module: nn.Module) -> None:
