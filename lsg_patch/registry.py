@@ -14,6 +14,9 @@ from torch import nn
 
 from .families.base import FamilyAdapter
 
+POSITION_KINDS = ("learned", "sinusoidal", "rotary", "none")
+TABLELESS_POSITION_KINDS = ("rotary", "none")
+
 
 @dataclass(frozen=True)
 class ArchitectureEntry:
@@ -23,24 +26,40 @@ class ArchitectureEntry:
     word_embeddings / token_type_embeddings: the tables that seed the global tokens (token types only for
     families whose global init adds token_type[0], as the reference does for BERT, ELECTRA and ALBERT).
     global_embeddings_parent: the module that receives `global_embeddings` (a 512-row nn.Embedding).
+    position_kind: how positions work (POSITION_KINDS): "learned" tables are tiled to max_length, "sinusoidal"
+    ones regenerated; "rotary" and "none" have no table to grow. position_embeddings names the table (None
+    for the kinds without one).
     position_offset: leading rows of the position table that are not positions (2 for RoBERTa and BART).
     tied_position_tables: other tables that share max_position_embeddings and grow with the main one.
     """
 
     adapter: type[FamilyAdapter] | str
     self_attention: str
-    position_embeddings: str
+    position_embeddings: str | None
     word_embeddings: str
     embeddings: str = "embeddings"
     encoder: str = "encoder"
     global_embeddings_parent: str = "embeddings"
     token_type_embeddings: str | None = None
+    position_kind: str = "learned"
     position_offset: int = 0
-    sinusoidal_positions: bool = False
     tied_position_tables: tuple[str, ...] = ()
     encoder_decoder: bool = False
     description: str = ""
     heads: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.position_kind not in POSITION_KINDS:
+            raise ValueError(f"position_kind={self.position_kind!r} is not accepted; choose one of {', '.join(POSITION_KINDS)}")
+        if (self.position_embeddings is None) != (self.position_kind in TABLELESS_POSITION_KINDS):
+            raise ValueError(
+                f"position_kind={self.position_kind!r} {'has no' if self.position_kind in TABLELESS_POSITION_KINDS else 'needs a'} "
+                f"position table, but position_embeddings={self.position_embeddings!r}"
+            )
+
+    @property
+    def has_position_table(self) -> bool:
+        return self.position_embeddings is not None
 
     def adapter_instance(self, model_type: str) -> FamilyAdapter:
         adapter = _resolve_adapter(model_type, self.adapter)
@@ -52,10 +71,11 @@ class ArchitectureEntry:
             "embeddings": self.embeddings,
             "encoder": self.encoder,
             "self_attention": self.self_attention,
-            "position_embeddings": self.position_embeddings,
             "word_embeddings": self.word_embeddings,
             "global_embeddings_parent": self.global_embeddings_parent,
         }
+        if self.position_embeddings is not None:
+            paths["position_embeddings"] = self.position_embeddings
         if self.token_type_embeddings:
             paths["token_type_embeddings"] = self.token_type_embeddings
         for index, path in enumerate(self.tied_position_tables):
@@ -99,8 +119,8 @@ def _bart_like(
         word_embeddings="shared",
         embeddings="encoder",
         global_embeddings_parent="encoder",
+        position_kind="sinusoidal" if sinusoidal else "learned",
         position_offset=offset,
-        sinusoidal_positions=sinusoidal,
         tied_position_tables=("decoder.embed_positions",),
         encoder_decoder=True,
         description=description,
@@ -114,23 +134,47 @@ _ROBERTA_LIKE = _bert_like(
 )
 _BART_LIKE = _bart_like(
     "lsg_patch.families.bart:BartFamily", 2, False, _SEQ2SEQ_HEADS,
-    "encoder self-attention; encoder and decoder learned positions tiled after the 2 offset rows",
+    "encoder self-attention only (decoder self- and cross-attention unchanged); encoder and decoder learned "
+    "positions tiled after the 2 offset rows; global tokens passed to the decoder's cross-attention "
+    "(pass_global_tokens_to_decoder); mBART's final encoder.layer_norm also covers the global rows",
 )  # fmt: skip
 
+_DECODER_HEADS = ("Model", "ForCausalLM", "ForSequenceClassification", "ForQuestionAnswering", "ForTokenClassification")
+
+
+# Llama-like decoder stacks: `embed_tokens`, `layers.*.self_attn`, rotary positions applied inside the attention.
+_ROTARY_DECODER = ArchitectureEntry(
+    adapter="lsg_patch.families.stack:StackFamily",
+    self_attention="layers.*.self_attn",
+    position_embeddings=None,
+    word_embeddings="embed_tokens",
+    embeddings="embed_tokens",
+    encoder="",
+    global_embeddings_parent="",
+    position_kind="rotary",
+    description="causal self-attention, grouped-query keys (no key/value cache yet: use_cache=False); global tokens "
+    "a prefix at positions 0..G-1 (rotary scores between tokens unchanged); Mistral's sliding window is replaced by "
+    "LSG's local window",
+    heads=_DECODER_HEADS,
+)
+
+
 _REGISTRY: dict[str, ArchitectureEntry] = {
-    "bert": _bert_like(0, True, "encoder self-attention; learned positions tiled", _BERT_CLASS_HEADS),
+    "bert": _bert_like(0, True, "encoder self-attention (LMHeadModel, is_decoder=True: causal, no key/value cache); "
+                       "learned positions tiled", _BERT_CLASS_HEADS),
     "roberta": _ROBERTA_LIKE,
     "camembert": _ROBERTA_LIKE,
     "xlm-roberta": _ROBERTA_LIKE,
-    "electra": _bert_like(0, True, "encoder self-attention; learned positions tiled; globals at embedding_size"),
+    "electra": _bert_like(0, True, "encoder self-attention; learned positions tiled; global tokens at embedding_size, "
+                          "before embeddings_project"),
     "albert": ArchitectureEntry(
         adapter="lsg_patch.families.albert:AlbertFamily",
         self_attention="encoder.albert_layer_groups.*.albert_layers.*.attention",
         position_embeddings="embeddings.position_embeddings",
         word_embeddings="embeddings.word_embeddings",
         token_type_embeddings="embeddings.token_type_embeddings",
-        description="shared encoder attention (one LSG module per layer group); learned positions tiled; "
-        "globals and padding at embedding_size, before embedding_hidden_mapping_in",
+        description="shared attention (the one module of each layer group runs LSG for all its layers); learned "
+        "positions tiled; globals and block padding at embedding_size, before embedding_hidden_mapping_in",
         heads=(
             "Model", "ForPreTraining", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
             "ForQuestionAnswering", "ForMultipleChoice",
@@ -142,7 +186,7 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
         position_embeddings="embeddings.position_embeddings",
         word_embeddings="embeddings.word_embeddings",
         encoder="transformer",
-        description="encoder self-attention; learned positions tiled",
+        description="`transformer` self-attention; learned positions tiled",
         heads=(
             "Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
             "ForMultipleChoice",
@@ -152,8 +196,41 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
     "mbart": _BART_LIKE,
     "pegasus": _bart_like(
         "lsg_patch.families.bart:PegasusFamily", 0, True, _SEQ2SEQ_HEADS[:2],
-        "encoder self-attention; encoder and decoder sinusoidal tables regenerated",
+        "encoder self-attention only; encoder and decoder sinusoidal tables regenerated; global tokens passed to "
+        "the decoder",
     ),  # fmt: skip
+    "gpt2": ArchitectureEntry(
+        adapter="lsg_patch.families.stack:StackFamily",
+        self_attention="h.*.attn",
+        position_embeddings="wpe",
+        word_embeddings="wte",
+        embeddings="wte",
+        encoder="",
+        global_embeddings_parent="",
+        description="causal self-attention (no key/value cache yet); learned positions tiled; global tokens a prefix "
+        "without position",
+        heads=("Model", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
+    ),
+    "llama": _ROTARY_DECODER,
+    "mistral": _ROTARY_DECODER,
+    "qwen2": _ROTARY_DECODER,
+    "qwen3": _ROTARY_DECODER,
+}
+
+
+# Model types whose attention cannot take LSG, with the reason `to_lsg` gives.
+CANNOT_SUPPORT: dict[str, str] = {
+    "deberta": "its disentangled attention adds content-to-position and position-to-content scores from relative "
+    "position embeddings inside its own attention code, which LSG's key sets cannot reproduce",
+    "deberta-v2": "its disentangled attention adds content-to-position and position-to-content scores from "
+    "relative position embeddings inside its own attention code, which LSG's key sets cannot reproduce",
+    "longformer": "it already runs its own sparse attention (sliding window plus global tokens); convert the "
+    "RoBERTa-like model it was made from instead",
+    "led": "the Longformer Encoder-Decoder already runs its own sparse attention; convert the BART model it was "
+    "made from instead",
+    "big_bird": "it already runs its own block-sparse attention (window, random and global blocks)",
+    "bigbird_pegasus": "it already runs its own block-sparse attention (window, random and global blocks)",
+    "longt5": "it already runs its own local or transient-global attention",
 }
 
 
@@ -195,12 +272,32 @@ def entry_for(model: Any) -> tuple[str, ArchitectureEntry]:
             f"lsg_patch cannot convert a {type(model).__name__}: it is not a transformers model with a "
             f"config.model_type; supported model types: {supported}"
         )
+    if model_type in CANNOT_SUPPORT and model_type not in _REGISTRY:
+        raise ValueError(f"model_type {model_type!r} ({type(model).__name__}) cannot take LSG attention: "
+                         f"{CANNOT_SUPPORT[model_type]}")
     if model_type not in _REGISTRY:
         raise ValueError(
             f"model_type {model_type!r} ({type(model).__name__}) is not supported by lsg_patch; supported model "
             f"types: {supported}. Add it with lsg_patch.register({model_type!r}, ArchitectureEntry(...))"
         )
     return model_type, _REGISTRY[model_type]
+
+
+def markdown_table() -> str:
+    """The README's table of supported architectures, from the registry (model types sharing an entry share a
+    row); tests/test_registry.py fails when the README's copy differs."""
+    groups: dict[int, list[str]] = {}
+    for model_type, entry in _REGISTRY.items():
+        groups.setdefault(id(entry), []).append(model_type)
+    lines = ["| model type | positions | heads | what is patched |", "|---|---|---|---|"]
+    for types in groups.values():
+        entry = _REGISTRY[types[0]]
+        lines.append(f"| {', '.join(f'`{t}`' for t in types)} | {entry.position_kind} | {', '.join(entry.heads)} | "
+                     f"{entry.description} |")
+    lines += ["", "Refused, with the reason (`to_lsg` raises before changing anything):", "",
+              "| model type | why LSG cannot run there |", "|---|---|"]
+    lines += [f"| `{t}` | {reason} |" for t, reason in CANNOT_SUPPORT.items()]
+    return "\n".join(lines)
 
 
 def with_changes(entry: ArchitectureEntry, **changes: Any) -> ArchitectureEntry:

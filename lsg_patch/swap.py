@@ -29,6 +29,8 @@ logger = logging.getLogger("lsg_patch")
 GLOBAL_EMBEDDINGS = "global_embeddings"
 # Written into model.config so that a checkpoint loaded without lsg_patch says what it needs.
 LOAD_NOTE_KEY = "lsg_patch_note"
+# The longest input of an LSG model whose positions have no table (rotary, none), kept in model.config.
+MAX_LENGTH_KEY = "lsg_max_length"
 LOAD_NOTE = (
     "LSG model saved by lsg_patch: load it inside `with lsg_patch.enabled():` or with lsg_patch.from_pretrained(path); "
     "plain transformers builds it with full attention and drops its global tokens (global_embeddings)"
@@ -108,7 +110,7 @@ def from_lsg(model: nn.Module) -> nn.Module:
             replace_embedding_weight(table, table.weight.detach()[: record.original_position_rows].clone())
             resize_index_buffers(get_submodule(base, _parent_path(path)), record.original_position_rows)
         config.max_position_embeddings = record.original_max_position_embeddings
-    for key in (*option_names(), LOAD_NOTE_KEY):
+    for key in (*option_names(), LOAD_NOTE_KEY, MAX_LENGTH_KEY):
         if key in config.__dict__:
             delattr(config, key)
     if hasattr(base, "_lsg_patch"):
@@ -142,45 +144,64 @@ def _plan(
     if not isinstance(random_global_init, bool):
         raise ValueError(f"random_global_init={random_global_init!r} is not accepted: it must be True or False")
 
-    table = get_submodule(base, entry.position_embeddings)
-    offset = entry.position_offset
-    current_length = table.weight.shape[0] - offset
-    if isinstance(max_length, bool) or not isinstance(max_length, int):
-        raise ValueError(f"max_length={max_length!r} is not accepted: it must be an integer")
-    if max_length < current_length:
-        raise ValueError(
-            f"max_length={max_length} is below the {current_length} positions {type(model).__name__} already has; "
-            f"give max_length >= {current_length}"
-        )
-    rows = max_length + offset
-    position_weights = {}
-    for path in _position_table_paths(entry):
-        weight = get_submodule(base, path).weight.detach()
-        if entry.sinusoidal_positions:
-            position_weights[path] = sinusoidal_table(rows, weight.shape[1], weight.dtype).to(weight.device)
-        else:
-            position_weights[path] = tiled_table(weight, rows, offset)
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length={max_length!r} is not accepted: it must be a positive integer")
+    position_weights = _grown_position_tables(model, base, entry, max_length)
 
     global_table = None
     if not already:
         global_table = _initial_global_embeddings(
-            model, base, entry, table.weight[offset:], tokenizer, bos_token_id, mask_token_id, stride,
+            model, base, entry, _seed_positions(base, entry), tokenizer, bos_token_id, mask_token_id, stride,
             random_global_init, seed,
         )  # fmt: skip
 
     attention = _attention_modules(model_type, entry, base)
 
     previous: PatchRecord | None = getattr(base, "_lsg_patch", None)
+    rows = get_submodule(base, entry.position_embeddings).weight.shape[0] if entry.has_position_table else None
     record = PatchRecord(
         model_type=model_type,
         lsg=lsg,
         max_length=max_length,
-        original_position_rows=previous.original_position_rows if previous else table.weight.shape[0],
+        original_position_rows=previous.original_position_rows if previous else rows,
         original_max_position_embeddings=(
             previous.original_max_position_embeddings if previous else model.config.max_position_embeddings
         ),
     )
     return _Plan(base, entry, adapter, lsg, max_length, position_weights, global_table, attention, record)
+
+
+def _grown_position_tables(model: nn.Module, base: nn.Module, entry: ArchitectureEntry, max_length: int
+                           ) -> dict[str, torch.Tensor]:
+    """The new weights of every position table at max_length (learned: tiled; sinusoidal: regenerated); none
+    for position kinds without a table (rotary, none), where max_length only bounds the input."""
+    if not entry.has_position_table:
+        return {}
+    offset = entry.position_offset
+    current_length = get_submodule(base, entry.position_embeddings).weight.shape[0] - offset
+    if max_length < current_length:
+        raise ValueError(
+            f"max_length={max_length} is below the {current_length} positions {type(model).__name__} already has; "
+            f"give max_length >= {current_length}"
+        )
+    rows = max_length + offset
+    weights = {}
+    for path in _position_table_paths(entry):
+        weight = get_submodule(base, path).weight.detach()
+        if entry.position_kind == "sinusoidal":
+            weights[path] = sinusoidal_table(rows, weight.shape[1], weight.dtype).to(weight.device)
+        else:
+            weights[path] = tiled_table(weight, rows, offset)
+    return weights
+
+
+def _seed_positions(base: nn.Module, entry: ArchitectureEntry) -> torch.Tensor:
+    """The position vectors the global tokens are seeded with: the original table without its offset rows, or
+    zeros where positions are not vectors added to the input (rotary, none)."""
+    if entry.has_position_table:
+        return get_submodule(base, entry.position_embeddings).weight[entry.position_offset :]
+    words = get_submodule(base, entry.word_embeddings).weight
+    return torch.zeros(GLOBAL_TABLE_ROWS, words.shape[1], dtype=words.dtype, device=words.device)
 
 
 def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
@@ -196,7 +217,12 @@ def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
         raise ValueError(f"this {type(model).__name__} is already an LSG model")
     _check_paths(model_type, entry, base)
     adapter = entry.adapter_instance(model_type)
-    max_length = get_submodule(base, entry.position_embeddings).weight.shape[0] - entry.position_offset
+    if entry.has_position_table:
+        max_length = get_submodule(base, entry.position_embeddings).weight.shape[0] - entry.position_offset
+    else:
+        max_length = getattr(model.config, MAX_LENGTH_KEY, None)
+        if not isinstance(max_length, int):
+            raise ValueError(f"this {model_type} LSG config has no {MAX_LENGTH_KEY!r}: it was not saved by lsg_patch")
     global_table = _empty_global_table(get_submodule(base, entry.word_embeddings).weight, base.training)
     attention = _attention_modules(model_type, entry, base)
     record = PatchRecord(model_type, lsg, max_length, None, None)
@@ -226,19 +252,22 @@ def _attention_modules(model_type: str, entry: ArchitectureEntry, base: nn.Modul
 def _apply(plan: _Plan, config: Any) -> None:
     base, entry = plan.base, plan.entry
     remove_lsg_hooks(base)
-    # RoBERTa-likes count their offset rows in max_position_embeddings, BART-likes do not (their table has 2 more)
-    config_extra_rows = config.max_position_embeddings - get_submodule(base, entry.position_embeddings).weight.shape[0]
+    if entry.has_position_table:
+        # RoBERTa-likes count their offset rows in max_position_embeddings, BART-likes do not (their table has 2 more)
+        table_rows = get_submodule(base, entry.position_embeddings).weight.shape[0]
+        config.max_position_embeddings = plan.max_length + entry.position_offset + config.max_position_embeddings - table_rows
+    else:  # rotary models read max_position_embeddings for their scaling: it stays, the limit is stored apart
+        setattr(config, MAX_LENGTH_KEY, plan.max_length)
     for path, weight in plan.position_weights.items():
         replace_embedding_weight(get_submodule(base, path), weight)
         resize_index_buffers(get_submodule(base, _parent_path(path)), weight.shape[0])
     if plan.global_table is not None:
         setattr(get_submodule(base, entry.global_embeddings_parent), GLOBAL_EMBEDDINGS, plan.global_table)
-    for module in plan.attention_modules:
-        seam.select(module, plan.lsg.layout)
+    for index, module in enumerate(plan.attention_modules):
+        seam.select(module, plan.lsg.layout, lsh_seed=index)
     plan.adapter.install_hooks(base, entry, plan.lsg, plan.max_length)
     for key, value in plan.lsg.config_entries(entry.encoder_decoder).items():
         setattr(config, key, value)
-    config.max_position_embeddings = plan.max_length + entry.position_offset + config_extra_rows
     setattr(config, LOAD_NOTE_KEY, LOAD_NOTE)
     base._lsg_patch = plan.record
     logger.info(
@@ -306,7 +335,7 @@ def _current_settings(base: nn.Module, config: Any) -> LSGConfig:
 
 
 def _position_table_paths(entry: ArchitectureEntry) -> tuple[str, ...]:
-    return (entry.position_embeddings, *entry.tied_position_tables)
+    return (entry.position_embeddings, *entry.tied_position_tables) if entry.has_position_table else ()
 
 
 def _parent_path(path: str) -> str:

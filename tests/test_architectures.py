@@ -23,6 +23,7 @@ _COMMON = dict(vocab_size=99, max_position_embeddings=64)
 _BERT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, initializer_range=0.2)
 _SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                 encoder_ffn_dim=64, decoder_ffn_dim=64, init_std=0.2, scale_embedding=True)  # fmt: skip
+_DECODER = dict(_BERT_LIKE, num_key_value_heads=2, pad_token_id=0)  # grouped-query: 2 key heads for 4 query heads
 TINY_CONFIGS: dict[str, dict] = {
     "bert": _BERT_LIKE,
     "roberta": dict(_BERT_LIKE, pad_token_id=1, max_position_embeddings=66),
@@ -34,6 +35,11 @@ TINY_CONFIGS: dict[str, dict] = {
     "bart": _SEQ2SEQ,
     "mbart": _SEQ2SEQ,
     "pegasus": _SEQ2SEQ,
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "llama": _DECODER,
+    "mistral": dict(_DECODER, sliding_window=None),
+    "qwen2": _DECODER,
+    "qwen3": dict(_DECODER, head_dim=8),
 }
 # Head classes transformers has that an entry may leave out, with the reason.
 NOT_PATCHABLE = {"ForCausalLM": "decoder-only head of an encoder-decoder family: it has no encoder to patch"}
@@ -94,7 +100,8 @@ def cases() -> list[tuple[str, str]]:
 
 def global_key(model: torch.nn.Module, entry: lsg_patch.ArchitectureEntry) -> str:
     prefix = "" if model.base_model is model else model.base_model_prefix + "."
-    return f"{prefix}{entry.global_embeddings_parent}.global_embeddings.weight"
+    parent = entry.global_embeddings_parent + "." if entry.global_embeddings_parent else ""
+    return f"{prefix}{parent}global_embeddings.weight"
 
 
 @pytest.mark.parametrize(("model_type", "head"), cases())

@@ -1,12 +1,15 @@
 """The public registry API: adding an architecture lsg_patch does not ship, and clear errors for wrong entries."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
 
 import lsg_patch
 from lsg_patch import ArchitectureEntry
+from lsg_patch.registry import markdown_table
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, initializer_range=0.2)  # fmt: skip
@@ -96,3 +99,24 @@ def test_unregistered_type_is_refused_with_the_supported_list() -> None:
         lsg_patch.to_lsg(tiny("ernie"), max_length=128)
     with pytest.raises(KeyError, match="'ernie' is not registered"):
         lsg_patch.unregister("ernie")
+
+
+@pytest.mark.parametrize(("model_type", "reason"), [
+    ("deberta-v2", "disentangled attention"), ("longformer", "its own sparse attention"),
+    ("big_bird", "block-sparse"), ("led", "its own sparse attention"), ("longt5", "local or transient-global"),
+])  # fmt: skip
+def test_models_that_cannot_take_lsg_are_refused_with_the_reason(model_type: str, reason: str) -> None:
+    config = AutoConfig.for_model(model_type, vocab_size=99, hidden_size=32, d_model=32, num_hidden_layers=1,
+                                  num_layers=1, encoder_layers=1, decoder_layers=1, num_attention_heads=4, num_heads=4,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, intermediate_size=64,
+                                  d_ff=64, d_kv=8, encoder_ffn_dim=64, decoder_ffn_dim=64, attention_window=8)
+    model = AutoModel.from_config(config)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"model_type {model_type!r} .*cannot take LSG attention: .*{reason}"):
+        lsg_patch.to_lsg(model, max_length=4096)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()) and not lsg_patch.is_lsg_model(model)
+
+
+def test_readme_table_is_the_registry() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert markdown_table() in readme, "README's supported-architectures table differs: paste registry.markdown_table()"

@@ -25,7 +25,8 @@ ORIGINAL_CLASSES = {  # what each registry type's self-attention modules are in 
     "bert": "BertSelfAttention", "roberta": "RobertaSelfAttention", "camembert": "CamembertSelfAttention",
     "xlm-roberta": "XLMRobertaSelfAttention", "electra": "ElectraSelfAttention", "albert": "AlbertAttention",
     "distilbert": "DistilBertSelfAttention", "bart": "BartAttention", "mbart": "MBartAttention",
-    "pegasus": "PegasusAttention",
+    "pegasus": "PegasusAttention", "gpt2": "GPT2Attention", "llama": "LlamaAttention", "mistral": "MistralAttention",
+    "qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention",
 }  # fmt: skip
 
 

@@ -15,7 +15,6 @@ decoder and its cross-attention are the stock ones.
 """
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,7 +23,8 @@ from torch import nn
 from ..hooks import LSGHook
 from ..registry_paths import get_submodule
 from ..seam import CALL_KEYWORD
-from .base import FamilyAdapter, LengthCheck, block_padding, build_call, token_mask_from
+from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, TokenPositionsOnly, block_padding, build_call,
+                   get_argument, set_argument, token_mask_from)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -59,25 +59,6 @@ class PegasusFamily(BartFamily):
     @staticmethod
     def token_embeddings(encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         return encoder.embed_tokens(input_ids) * encoder.embed_scale
-
-
-def _position(module: nn.Module, name: str) -> int:
-    return list(inspect.signature(module.forward).parameters).index(name)
-
-
-def get_argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
-    """One argument of a module call, whether the caller passed it by position or by keyword."""
-    index = _position(module, name)
-    return args[index] if index < len(args) else kwargs.get(name)
-
-
-def set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
-    """Replace one argument where the caller put it: transformers' forward wrappers expect their keyword
-    arguments to stay keywords."""
-    index = _position(module, name)
-    if index < len(args):
-        return (*args[:index], value, *args[index + 1 :]), kwargs
-    return args, {**kwargs, name: value}
 
 
 class EncoderInput(LSGHook):
@@ -119,35 +100,6 @@ class EncoderInput(LSGHook):
                 "but the model config has no pad_token_id; set model.config.pad_token_id or pad the input yourself"
             )
         return self.pad_token_id
-
-
-class TokenPositionsOnly(LSGHook):
-    """Position-table pre-hook: look positions up for the T tokens, not for the G global rows in front (the
-    encoder, the table's only caller, always runs with the global rows once converted)."""
-
-    def __init__(self, num_global_tokens: int) -> None:
-        self.num_global_tokens = num_global_tokens
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not args:
-            return None
-        shape_source = args[0]  # BART/mBART pass a (batch, G+T) tensor, Pegasus the (batch, G+T) shape
-        if isinstance(shape_source, torch.Tensor):
-            tokens_only = shape_source[:, self.num_global_tokens :]
-        else:
-            tokens_only = (shape_source[0], shape_source[1] - self.num_global_tokens)
-        return (tokens_only, *args[1:]), kwargs
-
-
-class NoPositionForGlobals(LSGHook):
-    """Position-table post-hook: zero rows in front for the globals, which get no position (spec section 4)."""
-
-    def __init__(self, num_global_tokens: int) -> None:
-        self.num_global_tokens = num_global_tokens
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        zeros = output.new_zeros(*output.shape[:-2], self.num_global_tokens, output.shape[-1])
-        return torch.cat([zeros, output], dim=-2)
 
 
 class EncoderOutput(LSGHook):

@@ -2,6 +2,7 @@
 recovery, block padding, building the per-call state, length check)."""
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,25 @@ def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.
     return allowed.expand(batch, length).to(device)
 
 
+def _position(module: nn.Module, name: str) -> int:
+    return list(inspect.signature(module.forward).parameters).index(name)
+
+
+def get_argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """One argument of a module call, whether the caller passed it by position or by keyword."""
+    index = _position(module, name)
+    return args[index] if index < len(args) else kwargs.get(name)
+
+
+def set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+    """Replace one argument where the caller put it: transformers' forward wrappers expect their keyword
+    arguments to stay keywords."""
+    index = _position(module, name)
+    if index < len(args):
+        return (*args[:index], value, *args[index + 1 :]), kwargs
+    return args, {**kwargs, name: value}
+
+
 def block_padding(length: int, lsg: "LSGConfig") -> int:
     """How many masked positions adaptive padding appends (docs/LSG_SPEC.md section 5)."""
     if length <= 2 * lsg.block_size or length % lsg.block_size == 0:
@@ -109,3 +129,32 @@ class LengthCheck(LSGHook):
                 f"the input has {length} tokens but this LSG model accepts at most {self.max_length} "
                 f"(the max_length it was converted with); truncate the input or convert with a larger max_length"
             )
+
+
+class TokenPositionsOnly(LSGHook):
+    """Position-table pre-hook: look positions up for the T tokens, not for the G global rows in front (the
+    table's only caller, the converted encoder or stack, always runs with the global rows in front)."""
+
+    def __init__(self, num_global_tokens: int) -> None:
+        self.num_global_tokens = num_global_tokens
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not args:
+            return None
+        shape_source = args[0]  # BART/mBART pass a (batch, G+T) tensor, Pegasus the (batch, G+T) shape
+        if isinstance(shape_source, torch.Tensor):
+            tokens_only = shape_source[:, self.num_global_tokens :]
+        else:
+            tokens_only = (shape_source[0], shape_source[1] - self.num_global_tokens)
+        return (tokens_only, *args[1:]), kwargs
+
+
+class NoPositionForGlobals(LSGHook):
+    """Position-table post-hook: zero rows in front for the globals, which get no position (spec section 4)."""
+
+    def __init__(self, num_global_tokens: int) -> None:
+        self.num_global_tokens = num_global_tokens
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        zeros = output.new_zeros(*output.shape[:-2], self.num_global_tokens, output.shape[-1])
+        return torch.cat([zeros, output], dim=-2)

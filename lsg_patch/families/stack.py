@@ -1,0 +1,120 @@
+"""Decoder stacks whose base model embeds its own input (GPT-2, Llama, Mistral, Qwen2, Qwen3): causal LSG.
+
+A pre-hook on the base model embeds `input_ids` itself, appends block padding (zero vectors, masked; at the end,
+so no real token of a causal model ever sees it), prepends the G global rows and hands the model
+`inputs_embeds = [globals; tokens; padding]`, no dense mask, and the per-call state as `lsg_call`. The global
+tokens are a prefix: causal global queries see the globals only, and every token sees them.
+
+Positions, by the entry's position kind:
+* rotary: the model numbers [globals; tokens] 0..G+T-1, so the globals sit at 0..G-1 and the tokens are shifted
+  by G. Rotary scores depend only on the distance between query and key, so token-to-token scores are exactly
+  those of the unconverted model; the globals act as the first G positions of every input. Given position_ids
+  are shifted by G the same way.
+* learned (GPT-2): the tokens keep their positions 0..T-1 and the globals get no position vector (the table's
+  hooks look positions up for the tokens only), as in the BERT and BART families.
+
+No key/value cache yet: a call that asks for one (use_cache=True, a cache object, generate's default) raises.
+A post-hook cuts the output back to one row per input token.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..hooks import LSGHook
+from ..registry_paths import get_submodule
+from ..seam import CALL_KEYWORD
+from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, TokenPositionsOnly, block_padding, build_call,
+                   get_argument, set_argument, token_mask_from)
+
+if TYPE_CHECKING:
+    from ..config import LSGConfig
+    from ..registry import ArchitectureEntry
+
+NO_CACHE = ("LSG attention keeps no key/value cache for this model yet: call it (and generate) with "
+            "use_cache=False")  # fmt: skip
+
+
+class StackFamily(FamilyAdapter):
+    def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
+        LengthCheck(max_length).register_pre(base_model)
+        StackInput(lsg, entry.position_kind).register_pre(base_model)
+        StackOutput(lsg.num_global_tokens).register_post(base_model)
+        if entry.has_position_table:
+            table = get_submodule(base_model, entry.position_embeddings)
+            TokenPositionsOnly(lsg.num_global_tokens).register_pre(table)
+            NoPositionForGlobals(lsg.num_global_tokens).register_post(table)
+
+
+def _cache_argument(kwargs: dict) -> Any:
+    """The cache keyword, named `cache` from transformers 5.24 on and `past_key_values` before."""
+    for name in ("cache", "past_key_values"):
+        if name in kwargs:
+            return kwargs[name]
+    return None
+
+
+class StackInput(LSGHook):
+    """Base-model pre-hook: inputs_embeds = [globals; tokens; padding], positions, and the per-call state."""
+
+    def __init__(self, lsg: "LSGConfig", position_kind: str) -> None:
+        self.lsg = lsg
+        self.position_kind = position_kind
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        input_ids = get_argument(module, args, kwargs, "input_ids")
+        embeds = get_argument(module, args, kwargs, "inputs_embeds")
+        if input_ids is None and embeds is None:
+            return None  # upstream raises its own error for this call
+        if get_argument(module, args, kwargs, "use_cache") or _cache_argument(kwargs) is not None:
+            raise ValueError(NO_CACHE)
+        reference = input_ids if input_ids is not None else embeds[..., 0]
+        if reference.dim() != 2:
+            raise ValueError(f"LSG takes (batch, tokens) inputs; got input of shape {tuple(reference.shape)}")
+        if embeds is None:
+            embeds = module.get_input_embeddings()(input_ids)
+        batch, length = reference.shape
+        token_mask = token_mask_from(get_argument(module, args, kwargs, "attention_mask"), batch, length, embeds.device)
+        padding = block_padding(length, self.lsg)
+        if padding:
+            embeds = F.pad(embeds, (0, 0, 0, padding))
+            token_mask = F.pad(token_mask, (0, padding), value=False)
+        count = self.lsg.num_global_tokens
+        globals_ = module.global_embeddings.weight[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        positions = self._positions(get_argument(module, args, kwargs, "position_ids"), length, padding, embeds.device)
+        kwargs = {**kwargs, CALL_KEYWORD: build_call(token_mask, length, self.lsg)}
+        for name, value in (("input_ids", None), ("attention_mask", None), ("use_cache", False),
+                            ("position_ids", positions), ("inputs_embeds", torch.cat([globals_, embeds], dim=1))):
+            args, kwargs = set_argument(module, args, kwargs, name, value)
+        return args, kwargs
+
+    def _positions(self, given: torch.Tensor | None, length: int, padding: int, device: torch.device
+                   ) -> torch.Tensor | None:
+        """Position ids of [globals; tokens; padding] (see the module docstring); None: the model's own count."""
+        if given is None and self.position_kind == "rotary":
+            return None
+        tokens = torch.arange(length, device=device)[None] if given is None else given
+        if padding:
+            tokens = torch.cat([tokens, tokens[:, -1:] + torch.arange(1, padding + 1, device=device)], dim=1)
+        count = self.lsg.num_global_tokens
+        if self.position_kind == "rotary":
+            return torch.cat([torch.arange(count, device=device).expand(tokens.shape[0], -1), tokens + count], dim=1)
+        return torch.cat([tokens.new_zeros(tokens.shape[0], count), tokens], dim=1)  # global rows: looked up by no one
+
+
+class StackOutput(LSGHook):
+    """Base-model post-hook: one output row per input token (globals and block padding dropped)."""
+
+    def __init__(self, num_global_tokens: int) -> None:
+        self.num_global_tokens = num_global_tokens
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        length = kwargs[CALL_KEYWORD].num_tokens
+        kept = output[0][:, self.num_global_tokens : self.num_global_tokens + length]
+        if isinstance(output, tuple):  # return_dict=False
+            return (kept, *output[1:])
+        output.last_hidden_state = kept
+        return output
