@@ -159,6 +159,28 @@ _ROTARY_DECODER = ArchitectureEntry(
 )
 
 
+_ENCODER_HEADS = ("Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification")
+_ROTARY_ENCODER_NOTE = ("bidirectional self-attention; global tokens a prefix at positions 0..G-1 (rotary scores "
+                        "between tokens unchanged)")  # fmt: skip
+
+
+def _rotary_encoder(heads: tuple[str, ...] = _ENCODER_HEADS) -> ArchitectureEntry:
+    """GTE-like encoders: an `embeddings` module (word and token-type vectors, LayerNorm), `layers.*.self_attn`,
+    rotary positions applied inside the attention."""
+    return ArchitectureEntry(
+        adapter="lsg_patch.families.stack:StackFamily",
+        self_attention="layers.*.self_attn",
+        position_embeddings=None,
+        word_embeddings="embeddings.word_embeddings",
+        global_embeddings_parent="",
+        encoder="",
+        position_kind="rotary",
+        description=_ROTARY_ENCODER_NOTE + "; the global rows get the embeddings' token type 0 and LayerNorm",
+        heads=heads,
+    )
+
+
+_GTE_LIKE = _rotary_encoder()
 _REGISTRY: dict[str, ArchitectureEntry] = {
     "bert": _bert_like(0, True, "encoder self-attention (LMHeadModel, is_decoder=True: causal, no key/value cache); "
                        "learned positions tiled", _BERT_CLASS_HEADS),
@@ -215,6 +237,10 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
     "mistral": _ROTARY_DECODER,
     "qwen2": _ROTARY_DECODER,
     "qwen3": _ROTARY_DECODER,
+    "gte": _GTE_LIKE,
+    "nomic_bert": _GTE_LIKE,
+    "jina_embeddings_v3": _rotary_encoder((*_ENCODER_HEADS, "ForQuestionAnswering")),
+    "eurobert": replace(_ROTARY_DECODER, description=_ROTARY_ENCODER_NOTE, heads=_ENCODER_HEADS),
 }
 
 

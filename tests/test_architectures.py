@@ -40,6 +40,10 @@ TINY_CONFIGS: dict[str, dict] = {
     "mistral": dict(_DECODER, sliding_window=None),
     "qwen2": _DECODER,
     "qwen3": dict(_DECODER, head_dim=8),
+    "gte": dict(_BERT_LIKE, pad_token_id=0),
+    "nomic_bert": dict(_BERT_LIKE, pad_token_id=0),
+    "jina_embeddings_v3": dict(_BERT_LIKE, pad_token_id=0),
+    "eurobert": dict(_DECODER, bos_token_id=1, eos_token_id=2, mask_token_id=3),
 }
 # Head classes transformers has that an entry may leave out, with the reason.
 NOT_PATCHABLE = {"ForCausalLM": "decoder-only head of an encoder-decoder family: it has no encoder to patch"}

@@ -1,10 +1,12 @@
-"""Decoder-only models (GPT-2, Llama, Mistral, Qwen2, Qwen3): causal LSG over the whole prompt, no cache yet.
+"""Stacks that embed their own input: decoder-only LMs (GPT-2, Llama, Mistral, Qwen2, Qwen3; causal LSG over the
+whole prompt, no cache yet) and rotary encoders (GTE, NomicBERT, jina-embeddings-v3, EuroBERT).
 
 Oracle: the unconverted model itself, given [globals; tokens] as inputs_embeds and a 4-D boolean mask built here
-from the definition of causal LSG without sparse keys (docs/LSG_SPEC.md section 6): a global query sees every
-global key; the token at position p sees the globals and the tokens of its own and the previous block up to p
-(and no padded token). transformers passes a 4-D mask through unchanged, so the plain model computes exactly
-that attention, densely.
+from the definition of LSG without sparse keys (docs/LSG_SPEC.md section 6). Causal: a global query sees every
+global key; the token at position p sees the globals and the tokens of its own and the previous block up to p.
+Bidirectional: global queries see every key; token block i sees the globals and blocks i-1, i, i+1. No query
+sees a padded token. transformers passes a 4-D mask through unchanged, so the plain model computes exactly that
+attention, densely.
 """
 from __future__ import annotations
 
@@ -21,21 +23,28 @@ LSG = dict(block_size=8, sparse_block_size=0, sparsity_type="none", num_global_t
 MAX_LENGTH, LENGTH, PADDED = 128, 48, 30  # 6 whole blocks, no block padding
 
 
-def lsg_key_mask(token_mask: torch.Tensor, globals_count: int, block_size: int) -> torch.Tensor:
-    """(batch, 1, G + T, G + T) bool: which keys each query of [globals; tokens] attends to in causal LSG."""
+ENCODERS = ["gte", "nomic_bert", "jina_embeddings_v3", "eurobert"]
+
+
+def lsg_key_mask(token_mask: torch.Tensor, globals_count: int, block_size: int, causal: bool = True) -> torch.Tensor:
+    """(batch, 1, G + T, G + T) bool: which keys each query of [globals; tokens] attends to in LSG without sparse
+    keys."""
     t = token_mask.shape[1]
     g = globals_count
     allowed = torch.zeros(g + t, g + t, dtype=torch.bool)
     allowed[:, :g] = True  # every query sees every global
+    if not causal:
+        allowed[:g] = True  # global queries see everything
     for p in range(t):
         start = max(0, (p // block_size - 1) * block_size)
-        allowed[g + p, g + start : g + p + 1] = True
+        stop = p + 1 if causal else min(t, (p // block_size + 2) * block_size)
+        allowed[g + p, g + start : g + stop] = True
     keys = torch.cat([torch.ones(token_mask.shape[0], g, dtype=torch.bool), token_mask], dim=1)
     return (allowed[None] & keys[:, None, :])[:, None]
 
 
-def oracle_hidden(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
-                  ) -> torch.Tensor:
+def oracle_hidden(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                  causal: bool = True) -> torch.Tensor:
     base, g = plain.base_model, LSG["num_global_tokens"]
     globals_ = lsg_model.base_model.global_embeddings.weight[:g].detach()
     embeds = torch.cat([globals_.expand(ids.shape[0], -1, -1), base.get_input_embeddings()(ids)], dim=1)
@@ -43,9 +52,12 @@ def oracle_hidden(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch
     if plain.config.model_type == "gpt2":  # learned table: tokens keep 0..T-1, globals get no position vector
         embeds[:, :g] -= base.wpe.weight[0]
         kwargs["position_ids"] = torch.cat([torch.zeros(1, g, dtype=torch.long), torch.arange(ids.shape[1])[None]], 1)
-    out = base(inputs_embeds=embeds, attention_mask=lsg_key_mask(mask.bool(), g, LSG["block_size"]), use_cache=False,
-               **kwargs)  # fmt: skip
-    return out.last_hidden_state[:, g:]
+    if causal:
+        kwargs["use_cache"] = False
+    out = base(inputs_embeds=embeds, attention_mask=lsg_key_mask(mask.bool(), g, LSG["block_size"], causal), **kwargs)
+    hidden = out.last_hidden_state
+    tokens = hidden[:, g:]
+    return tokens if causal else torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)  # pool_with_global
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
@@ -59,6 +71,21 @@ def test_causal_lsg_matches_the_dense_oracle_on_a_padded_batch(model_type: str) 
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
         expected = oracle_hidden(plain, model, ids, mask)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1, :PADDED], expected[1, :PADDED], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ENCODERS)
+def test_rotary_encoders_match_the_dense_oracle_on_a_padded_batch(model_type: str) -> None:
+    plain = build(model_type, "Model", attn_implementation="sdpa")
+    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, 99, (2, LENGTH), generator=generator)
+    mask = torch.ones(2, LENGTH, dtype=torch.long)
+    mask[1, PADDED:] = 0
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = oracle_hidden(plain, model, ids, mask, causal=False)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1, :PADDED], expected[1, :PADDED], rtol=0, atol=1e-5)
 

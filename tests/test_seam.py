@@ -26,7 +26,8 @@ ORIGINAL_CLASSES = {  # what each registry type's self-attention modules are in 
     "xlm-roberta": "XLMRobertaSelfAttention", "electra": "ElectraSelfAttention", "albert": "AlbertAttention",
     "distilbert": "DistilBertSelfAttention", "bart": "BartAttention", "mbart": "MBartAttention",
     "pegasus": "PegasusAttention", "gpt2": "GPT2Attention", "llama": "LlamaAttention", "mistral": "MistralAttention",
-    "qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention",
+    "qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention", "gte": "GteAttention", "nomic_bert": "NomicBertAttention",
+    "jina_embeddings_v3": "JinaEmbeddingsV3Attention", "eurobert": "EuroBertAttention",
 }  # fmt: skip
 
 

@@ -1,9 +1,11 @@
-"""Decoder stacks whose base model embeds its own input (GPT-2, Llama, Mistral, Qwen2, Qwen3): causal LSG.
+"""Stacks whose base model embeds its own input: decoder-only LMs (GPT-2, Llama, Mistral, Qwen2, Qwen3; causal
+LSG) and rotary encoders (GTE, NomicBERT, jina-embeddings-v3, EuroBERT; bidirectional LSG).
 
 A pre-hook on the base model embeds `input_ids` itself, appends block padding (zero vectors, masked; at the end,
 so no real token of a causal model ever sees it), prepends the G global rows and hands the model
 `inputs_embeds = [globals; tokens; padding]`, no dense mask, and the per-call state as `lsg_call`. The global
-tokens are a prefix: causal global queries see the globals only, and every token sees them.
+tokens are a prefix: causal global queries see the globals only, and every token sees them. Given
+token_type_ids get type 0 for the global rows and the padding.
 
 Positions, by the entry's position kind:
 * rotary: the model numbers [globals; tokens] 0..G+T-1, so the globals sit at 0..G-1 and the tokens are shifted
@@ -14,10 +16,12 @@ Positions, by the entry's position kind:
   hooks look positions up for the tokens only), as in the BERT and BART families.
 
 No key/value cache yet: a call that asks for one (use_cache=True, a cache object, generate's default) raises.
-A post-hook cuts the output back to one row per input token.
+A post-hook cuts the output back to one row per input token; for encoders (bidirectional attention),
+pool_with_global puts global token 0's output in the first row, as for BERT (docs/LSG_SPEC.md section 7b).
 """
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import LSGHook
-from ..registry_paths import get_submodule
+from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD
 from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, TokenPositionsOnly, block_padding, build_call,
                    get_argument, set_argument, token_mask_from)
@@ -40,9 +44,10 @@ NO_CACHE = ("LSG attention keeps no key/value cache for this model yet: call it 
 
 class StackFamily(FamilyAdapter):
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
+        causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         LengthCheck(max_length).register_pre(base_model)
         StackInput(lsg, entry.position_kind).register_pre(base_model)
-        StackOutput(lsg.num_global_tokens).register_post(base_model)
+        StackOutput(lsg.num_global_tokens, lsg.pool_with_global and not causal).register_post(base_model)
         if entry.has_position_table:
             table = get_submodule(base_model, entry.position_embeddings)
             TokenPositionsOnly(lsg.num_global_tokens).register_pre(table)
@@ -69,7 +74,9 @@ class StackInput(LSGHook):
         embeds = get_argument(module, args, kwargs, "inputs_embeds")
         if input_ids is None and embeds is None:
             return None  # upstream raises its own error for this call
-        if get_argument(module, args, kwargs, "use_cache") or _cache_argument(kwargs) is not None:
+        accepts = inspect.signature(module.forward).parameters
+        use_cache = get_argument(module, args, kwargs, "use_cache") if "use_cache" in accepts else None
+        if use_cache or _cache_argument(kwargs) is not None:
             raise ValueError(NO_CACHE)
         reference = input_ids if input_ids is not None else embeds[..., 0]
         if reference.dim() != 2:
@@ -86,8 +93,14 @@ class StackInput(LSGHook):
         globals_ = module.global_embeddings.weight[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         positions = self._positions(get_argument(module, args, kwargs, "position_ids"), length, padding, embeds.device)
         kwargs = {**kwargs, CALL_KEYWORD: build_call(token_mask, length, self.lsg)}
-        for name, value in (("input_ids", None), ("attention_mask", None), ("use_cache", False),
-                            ("position_ids", positions), ("inputs_embeds", torch.cat([globals_, embeds], dim=1))):
+        changes = {"input_ids": None, "attention_mask": None, "position_ids": positions,
+                   "inputs_embeds": torch.cat([globals_, embeds], dim=1)}
+        if "use_cache" in accepts:
+            changes["use_cache"] = False
+        token_types = get_argument(module, args, kwargs, "token_type_ids") if "token_type_ids" in accepts else None
+        if token_types is not None:
+            changes["token_type_ids"] = F.pad(token_types.expand(batch, -1), (count, padding))
+        for name, value in changes.items():
             args, kwargs = set_argument(module, args, kwargs, name, value)
         return args, kwargs
 
@@ -106,14 +119,19 @@ class StackInput(LSGHook):
 
 
 class StackOutput(LSGHook):
-    """Base-model post-hook: one output row per input token (globals and block padding dropped)."""
+    """Base-model post-hook: one output row per input token (globals and block padding dropped); with
+    pool_with_global, the first row is global token 0's."""
 
-    def __init__(self, num_global_tokens: int) -> None:
+    def __init__(self, num_global_tokens: int, pool_with_global: bool) -> None:
         self.num_global_tokens = num_global_tokens
+        self.pool_with_global = pool_with_global
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         length = kwargs[CALL_KEYWORD].num_tokens
-        kept = output[0][:, self.num_global_tokens : self.num_global_tokens + length]
+        hidden = output[0]
+        kept = hidden[:, self.num_global_tokens : self.num_global_tokens + length]
+        if self.pool_with_global:
+            kept = torch.cat([hidden[:, :1], kept[:, 1:]], dim=1)
         if isinstance(output, tuple):  # return_dict=False
             return (kept, *output[1:])
         output.last_hidden_state = kept
