@@ -20,8 +20,9 @@ CONVERT = dict(block_size=16, sparse_block_size=16, sparsity_factor=2, num_globa
 
 
 @pytest.fixture
-def lsg_logs(caplog):
+def lsg_logs(caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="lsg_patch")
+    monkeypatch.setattr(lsg_patch.context, "_REMOTE_CODE_NOTED", False, raising=False)  # a fresh process
     return caplog
 
 
@@ -151,6 +152,14 @@ def test_model_card_keyword_arguments_override_saved_settings(lsg_dir, tmp_path,
     batch = long_batch(300)
     with torch.no_grad():
         assert torch.equal(model(**batch).last_hidden_state, saved(**batch).last_hidden_state)
+
+
+def test_the_trust_remote_code_notice_is_logged_once_per_process(lsg_dir, lsg_logs) -> None:
+    """A script loads in several blocks (or calls a helper that opens one); the README promises one notice."""
+    for _ in range(3):
+        with lsg_patch.enabled():
+            AutoModel.from_pretrained(lsg_dir, trust_remote_code=True)
+    assert lsg_logs.text.count("trust_remote_code=True is ignored") == 1
 
 
 def test_remote_code_only_checkpoint_is_refused(tmp_path) -> None:
