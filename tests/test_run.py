@@ -1,0 +1,97 @@
+"""`lsg-patch run -- python script.py`: unmodified scripts (that know nothing of lsg_patch) get LSG models."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+import lsg_patch
+from lsg_patch.demo import minilm_path
+from tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+# Written for plain transformers: a pipeline on a long text, and a model loaded in a second thread.
+SCRIPT = """
+import sys, threading
+from transformers import AutoModelForMaskedLM, pipeline
+
+path = sys.argv[1]
+fill = pipeline("fill-mask", model=path, tokenizer=path)
+text = "word " * (min(600, fill.tokenizer.model_max_length) - 10) + fill.tokenizer.mask_token + " end"
+guesses = fill(text)
+loaded = {}
+thread = threading.Thread(target=lambda: loaded.setdefault("model", AutoModelForMaskedLM.from_pretrained(path)))
+thread.start()
+thread.join()
+config = fill.model.config
+print("RESULT", hasattr(fill.model.bert.embeddings, "global_embeddings"),
+      hasattr(loaded["model"].bert.embeddings, "global_embeddings"), getattr(config, "block_size", None),
+      config.max_position_embeddings, len(guesses))
+"""
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A plain tiny BERT (128 positions, MiniLM tokenizer) and its LSG conversion, saved."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    plain = tmp_path_factory.mktemp("plain")
+    model = tiny_model("bert", AutoModelForMaskedLM, vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
+    model.save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    lsg = tmp_path_factory.mktemp("lsg")
+    lsg_patch.to_lsg(model, max_length=1024, tokenizer=tokenizer, block_size=32, sparse_block_size=32)
+    model.save_pretrained(lsg)
+    tokenizer.save_pretrained(lsg)
+    script = tmp_path_factory.mktemp("script") / "script.py"
+    script.write_text(SCRIPT)
+    return {"plain": plain, "lsg": lsg, "script": script}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([*args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+
+
+def result_line(completed: subprocess.CompletedProcess) -> list[str]:
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return next(line for line in completed.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
+
+
+def test_the_script_alone_gets_plain_models(folders) -> None:
+    """The control: without `run`, plain transformers drops the global tokens (and the test would be vacuous)."""
+    assert result_line(run(sys.executable, str(folders["script"]), str(folders["lsg"])))[:2] == ["False", "False"]
+
+
+def test_run_loads_lsg_checkpoints_as_lsg_models_in_every_thread(folders) -> None:
+    completed = run(sys.executable, "-m", "lsg_patch.cli", "run", "--", sys.executable, str(folders["script"]),
+                    str(folders["lsg"]))  # fmt: skip
+    assert result_line(completed) == ["True", "True", "32", "1024", "5"]
+
+
+def test_python_m_lsg_patch_run_passes_options_to_enabled(folders) -> None:
+    completed = run(sys.executable, "-m", "lsg_patch", "run", "--max-length", "512", "--block-size", "64", "--",
+                    sys.executable, str(folders["script"]), str(folders["plain"]))  # fmt: skip
+    assert result_line(completed) == ["True", "True", "64", "512", "5"]
+
+
+def test_bad_run_options_fail_with_one_line_before_the_command_runs(folders, tmp_path) -> None:
+    marker = tmp_path / "ran"
+    completed = run(sys.executable, "-m", "lsg_patch", "run", "--block-size", "0", "--", sys.executable, "-c",
+                    f"open({str(marker)!r}, 'w')")  # fmt: skip
+    assert completed.returncode == 1 and not marker.exists()
+    assert completed.stderr.strip() == "lsg-patch: error: block_size=0 is not accepted: it must be at least 1"
+    missing = run(sys.executable, "-m", "lsg_patch", "run", "--")
+    assert missing.returncode == 1 and "needs a command after --" in missing.stderr
+
+
+def test_python_m_lsg_patch_is_the_lsg_patch_command() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"lsg-patch": "lsg_patch.cli:main"}
+    as_module = run(sys.executable, "-m", "lsg_patch", "--help")
+    as_cli = run(sys.executable, "-c", "import sys; from lsg_patch.cli import main; sys.exit(main())", "--help")
+    assert as_module.returncode == 0 and as_module.stdout == as_cli.stdout and "run" in as_module.stdout
