@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import lsg_patch
+from lsg_patch.cli import main
 from lsg_patch.demo import minilm_path
 from tiny_models import tiny_model
 
@@ -79,14 +80,16 @@ def test_python_m_lsg_patch_run_passes_options_to_enabled(folders) -> None:
     assert result_line(completed) == ["True", "True", "64", "512", "5"]
 
 
-def test_bad_run_options_fail_with_one_line_before_the_command_runs(folders, tmp_path) -> None:
+def test_bad_run_options_fail_with_one_line_before_the_command_runs(tmp_path, capsys) -> None:
+    """In-process is safe here: options are validated before the process would be replaced by the command."""
     marker = tmp_path / "ran"
-    completed = run(sys.executable, "-m", "lsg_patch", "run", "--block-size", "0", "--", sys.executable, "-c",
-                    f"open({str(marker)!r}, 'w')")  # fmt: skip
-    assert completed.returncode == 1 and not marker.exists()
-    assert completed.stderr.strip() == "lsg-patch: error: block_size=0 is not accepted: it must be at least 1"
-    missing = run(sys.executable, "-m", "lsg_patch", "run", "--")
-    assert missing.returncode == 1 and "needs a command after --" in missing.stderr
+    assert main(["run", "--block-size", "0", "--", sys.executable, "-c", f"open({str(marker)!r}, 'w')"]) == 1
+    assert not marker.exists()
+    assert capsys.readouterr().err == "lsg-patch: error: block_size=0 is not accepted: it must be at least 1\n"
+    assert main(["run", "--sparsity-factor", "3", "--block-size", "64", "--", "true"]) == 1
+    assert "block_size=64 is not a multiple of sparsity_factor=3" in capsys.readouterr().err
+    assert main(["run", "--"]) == 1
+    assert "needs a command after --" in capsys.readouterr().err
 
 
 def test_python_m_lsg_patch_is_the_lsg_patch_command() -> None:

@@ -83,3 +83,36 @@ def test_the_cli_keeps_a_sentence_transformers_folder_one(converted, tmp_path) -
     vector = embed(model)
     assert vector.norm().item() == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(vector, embed(converted), atol=1e-5, rtol=0)  # the CLI writes what to_lsg(st) gives
+
+
+def test_the_cli_converts_a_transformer_module_kept_in_a_subfolder(tmp_path) -> None:
+    """Layouts where modules.json puts the Transformer module in its own folder (0_Transformer) convert too."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from lsg_patch.cli import main
+    from tiny_models import tiny_model
+
+    source = tmp_path / "st"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tiny_model("bert", AutoModel, vocab_size=tokenizer.vocab_size, max_position_embeddings=128).save_pretrained(
+        source / "0_Transformer")
+    tokenizer.save_pretrained(source / "0_Transformer")
+    (source / "0_Transformer" / "sentence_bert_config.json").write_text('{"max_seq_length": 128}')
+    pooling = json.loads((Path(minilm_path()) / "1_Pooling" / "config.json").read_text())
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text(json.dumps({**pooling, "word_embedding_dimension": 32}))
+    modules = [{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]  # fmt: skip
+    (source / "modules.json").write_text(json.dumps(modules))
+
+    output = tmp_path / "out"
+    assert main(["convert", str(source), str(output), "--max-length", "512", "--block-size", "32"]) == 0
+    assert json.loads((output / "modules.json").read_text()) == modules
+    assert json.loads((output / "0_Transformer" / "config.json").read_text())["block_size"] == 32
+    assert json.loads((output / "0_Transformer" / "sentence_bert_config.json").read_text())["max_seq_length"] == 512
+    with lsg_patch.enabled():
+        model = SentenceTransformer(str(output), device="cpu")
+    assert lsg_patch.is_lsg_model(model) and model.max_seq_length == 512
+    vector = embed(model, PARAGRAPH * 8)
+    assert vector.shape == (32,) and vector.norm().item() == pytest.approx(1.0, abs=1e-5)
