@@ -50,6 +50,24 @@ def to_lsg(model: nn.Module, max_length: int = 4096, *, tokenizer: Any = None, s
     return model
 
 
+def check_conversion_options(
+    tokenizer: Any = None, seed: int = 0, random_global_init: bool = False, global_positional_stride: int = 64,
+    bos_token_id: int | None = None, mask_token_id: int | None = None,
+) -> None:
+    """Check to_lsg's conversion keywords where they are given ahead of the model (`enabled(...)`,
+    `lsg-patch run`), so a bad one fails there and not after a model was loaded. The checks that need the
+    model (token ids against its vocabulary, the stride against its table) still run in to_lsg."""
+    check_tokenizer(tokenizer)
+    check_seed(seed)
+    if not isinstance(random_global_init, bool):
+        raise ValueError(f"random_global_init={random_global_init!r} is not accepted: it must be True or False")
+    if isinstance(global_positional_stride, bool) or not isinstance(global_positional_stride, int) or global_positional_stride < 1:
+        raise ValueError(f"global_positional_stride={global_positional_stride!r} is not accepted: it must be a positive integer")
+    for name, value in (("bos_token_id", bos_token_id), ("mask_token_id", mask_token_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name}={value!r} is not accepted: it must be a token id (an integer >= 0) or None")
+
+
 def is_lsg_model(model: nn.Module) -> bool:
     """True if lsg_patch's LSG attention is active on this model (or on a SentenceTransformer's model)."""
     inner, _ = _unwrap(model)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 import wrapt
 
+from .api import check_conversion_options, to_lsg  # the public to_lsg also raises a given tokenizer's length
 from .config import LSGConfig, option_names
 from .registry import entry_for
 from .persistence import drop_reference_code_map, saved_settings
@@ -105,6 +106,7 @@ def _new_block(max_length: Any, overrides: dict[str, Any], outer: _Block | None)
     conversion = {k: v for k, v in overrides.items() if k in CONVERSION_OPTIONS}
     lsg_options = {k: v for k, v in overrides.items() if k not in CONVERSION_OPTIONS}
     check_lsg_options(lsg_options, extra=CONVERSION_OPTIONS + ("max_length",))
+    check_conversion_options(**conversion)
     if outer is None:
         return _Block(max_length, conversion, lsg_options)
     return _Block(
@@ -304,8 +306,6 @@ def _finish(model: Any, info: dict[str, Any], load: _Load) -> None:
         logger.info("lsg_patch: %s is a plain checkpoint and enabled() got no max_length: loaded unchanged", name)
         return
     options = {**load.block.lsg_options, **load.lsg_kwargs}
-    from .api import to_lsg  # the public to_lsg: it also raises the length of a tokenizer given to the block
-
     to_lsg(model, max_length=load.block.max_length, **load.block.conversion, **options)
     assert is_lsg_model(model)
 
