@@ -98,3 +98,19 @@ def test_python_m_lsg_patch_is_the_lsg_patch_command() -> None:
     as_module = run(sys.executable, "-m", "lsg_patch", "--help")
     as_cli = run(sys.executable, "-c", "import sys; from lsg_patch.cli import main; sys.exit(main())", "--help")
     assert as_module.returncode == 0 and as_module.stdout == as_cli.stdout and "run" in as_module.stdout
+
+
+def test_the_bootstrap_runs_the_sitecustomize_it_shadows(tmp_path) -> None:
+    """A virtualenv's or distribution's sitecustomize (coverage, path set-up, ...) still runs under lsg-patch run."""
+    from lsg_patch.run import child_environment
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "sitecustomize.py").write_text("import os\nos.environ['THEIR_SITECUSTOMIZE'] = 'ran'\n")
+    env = child_environment({"max_length": 256}, dict(os.environ, PYTHONPATH=os.pathsep.join([str(theirs), str(ROOT)])))
+    assert env["PYTHONPATH"].split(os.pathsep)[0].endswith("_bootstrap")
+    check = ("import os, sys, lsg_patch.context as c; "
+             "print(os.environ.get('THEIR_SITECUSTOMIZE'), c._PROCESS_BLOCK.max_length, 'lsg_patch' in sys.modules)")
+    completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.split() == ["ran", "256", "True"]
