@@ -9,6 +9,7 @@ inside `lsg_patch.enabled()` rebuilds the LSG model with its trained global toke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 
 import torch
@@ -20,7 +21,8 @@ import lsg_patch
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="roberta-base", help="checkpoint folder or hub name")
-    parser.add_argument("--out", default=None, help="folder to save the LSG model to (default: a temporary one)")
+    parser.add_argument("--out", default=None, help="folder to save the LSG model to (default: a temporary one, "
+                        "removed at the end)")
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--tiny", action="store_true", help="tiny random model (offline)")
     args = parser.parse_args(argv)
@@ -29,14 +31,18 @@ def main(argv: list[str] | None = None) -> float:
         from _tiny import tiny_model
 
         model, tokenizer = tiny_model(AutoModel)
-        args.max_length, block_size = 1024, 32
+        max_length, block_size = 1024, 32
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModel.from_pretrained(args.model).eval()
-        block_size = 128
-    out = args.out or tempfile.mkdtemp(prefix="lsg-")
+        max_length, block_size = args.max_length, 128
+    with contextlib.ExitStack() as stack:
+        out = args.out or stack.enter_context(tempfile.TemporaryDirectory(prefix="lsg-"))
+        return _convert_save_reload(model, tokenizer, max_length, block_size, out)
 
-    lsg_patch.to_lsg(model, max_length=args.max_length, tokenizer=tokenizer, block_size=block_size,
+
+def _convert_save_reload(model, tokenizer, max_length: int, block_size: int, out: str) -> float:
+    lsg_patch.to_lsg(model, max_length=max_length, tokenizer=tokenizer, block_size=block_size,
                      sparse_block_size=block_size, sparsity_type="bos_pooling", num_global_tokens=2)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> float:
 
     with lsg_patch.enabled():
         reloaded = AutoModel.from_pretrained(out).eval()
-    batch = tokenizer("a long document " * (args.max_length // 4), truncation=True, max_length=args.max_length,
+    batch = tokenizer("a long document " * (max_length // 4), truncation=True, max_length=max_length,
                       return_tensors="pt")
     with torch.no_grad():
         difference = (model(**batch).last_hidden_state - reloaded(**batch).last_hidden_state).abs().max().item()

@@ -2,12 +2,13 @@
 
     model = lsg_patch.to_lsg(model, max_length=4096, block_size=128, sparsity_type="norm")
 """
+from .api import is_lsg_model, to_lsg
 from .config import LSGConfig
 from .context import enabled
 from .persistence import from_pretrained
 from .pattern import attention_pattern, plot_pattern
 from .registry import ArchitectureEntry, register, supported_architectures, unregister
-from .swap import from_lsg, is_lsg_model, to_lsg
+from .swap import from_lsg
 
 __all__ = [
     "ArchitectureEntry",

@@ -3,6 +3,7 @@
     lsg-patch convert path/to/model out/dir --max-length 4096 --architecture RobertaForSequenceClassification \
         --lsg '{"sparsity_type": "lsh", "block_size": 32}'
     lsg-patch info out/dir
+    lsg-patch run --max-length 4096 -- python train.py ARGS     # a script that knows nothing of lsg_patch
 
 Bad input ends the command with one line on stderr and exit status 1 (2 for unusable command-line syntax);
 the output folder is written under a temporary name next to it and moved in place only once complete.
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import SPARSITY_TYPES, LSGConfig, option_names
-from .persistence import REFERENCE_CODE_PREFIX, check_checkpoint_folder, saved_settings, weight_names
+from .checkpoint_info import checkpoint_report
+from .persistence import check_checkpoint_folder, saved_settings
+from .sentence import MODULES_FILE, copy_sentence_modules, set_tokenizer_length, transformer_folder
 
 PROG = "lsg-patch"
 DEFAULT_MAX_LENGTH = 4096
@@ -66,17 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(an LSG name such as LSGBertForMaskedLM is accepted); default: the config's architecture")  # fmt: skip
     convert.add_argument("--lsg", metavar="JSON", default=None,
                          help='LSG options as a JSON object, e.g. \'{"sparsity_type": "lsh", "block_size": 32}\'')  # fmt: skip
-    group = convert.add_argument_group("LSG options (default: the reference defaults, or the input's own settings)")
-    for field in dataclasses.fields(LSGConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in ("bool", bool):
-            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=OPTION_HELP[field.name])  # fmt: skip
-        elif field.name == "sparsity_type":
-            group.add_argument(flag, dest=field.name, choices=SPARSITY_TYPES, default=None,
-                               help=OPTION_HELP[field.name])  # fmt: skip
-        else:
-            group.add_argument(flag, dest=field.name, type=int, default=None, metavar="N", help=OPTION_HELP[field.name])
+    _add_lsg_flags(convert.add_argument_group("LSG options (default: the reference defaults, or the input's own settings)"))
     init = convert.add_argument_group("global tokens and positions")
     init.add_argument("--random-global-init", action="store_true",
                       help="draw global tokens from the word-embedding distribution instead of the mask token")  # fmt: skip
@@ -90,12 +83,45 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=DTYPES, default="auto",
                          help="dtype to load and save the model in (default: auto, as saved)")  # fmt: skip
     convert.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="show progress bars (default: when stderr is a terminal)")  # fmt: skip
 
     info = commands.add_parser("info", help="tell whether a checkpoint folder is LSG and with what settings",
                                description="Read a checkpoint folder's config and weight names (no weights are loaded).")  # fmt: skip
     info.add_argument("path", help="checkpoint folder")
     info.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    run = commands.add_parser(
+        "run", help="run a command (python script.py ...) with lsg_patch.enabled() active in its Python processes",
+        description="Run COMMAND so that every Python process it starts has lsg_patch.enabled() active from its "
+        "first line: from_pretrained returns LSG models for LSG checkpoints and, with --max-length, converts plain "
+        "ones. Put the command after --, e.g. lsg-patch run --max-length 4096 -- python train.py --epochs 1",
+    )  # fmt: skip
+    run.add_argument("--max-length", type=int, default=None,
+                     help="convert plain checkpoints to this many tokens on load (default: load them unchanged)")  # fmt: skip
+    _add_lsg_flags(run.add_argument_group("LSG options for plain checkpoints converted on load"))
+    run_init = run.add_argument_group("global tokens of plain checkpoints converted on load")
+    run_init.add_argument("--random-global-init", action="store_true", default=None,
+                          help="draw global tokens from the word-embedding distribution")  # fmt: skip
+    run_init.add_argument("--global-positional-stride", type=int, default=None, metavar="N",
+                          help=f"stride between the positions global tokens are seeded from (default {DEFAULT_STRIDE})")  # fmt: skip
+    run_init.add_argument("--seed", type=int, default=None, help="seed of the random parts of the initialisation")
+    run.add_argument("program", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command to run, after --")
     return parser
+
+
+def _add_lsg_flags(group: Any) -> None:
+    """One flag per LSGConfig field (--block-size N, --sparsity-type T, --adaptive/--no-adaptive, ...)."""
+    for field in dataclasses.fields(LSGConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=OPTION_HELP[field.name])  # fmt: skip
+        elif field.name == "sparsity_type":
+            group.add_argument(flag, dest=field.name, choices=SPARSITY_TYPES, default=None,
+                               help=OPTION_HELP[field.name])  # fmt: skip
+        else:
+            group.add_argument(flag, dest=field.name, type=int, default=None, metavar="N", help=OPTION_HELP[field.name])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             convert(args)
+        elif args.command == "run":
+            run(args)
         else:
             info(args)
     except (ValueError, OSError) as error:
@@ -141,40 +169,46 @@ def convert(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .api import to_lsg
     from .context import enabled
     from .persistence import model_class_for
     from .registry import entry_for
     from .registry_paths import get_submodule
-    from .swap import from_lsg, to_lsg
+    from .swap import from_lsg
 
-    hf_logging.disable_progress_bar()
     options = lsg_options(args)
     output = Path(args.output)
-    _check_input(args.input)
+    source = _model_folder(args.input)  # the Transformer module's folder for a sentence-transformers folder
+    _check_input(source)
     _check_output(Path(args.input), output, args.overwrite)
     if isinstance(args.max_length, int) and args.max_length < 1:
         raise ValueError(f"--max-length {args.max_length} is not accepted: give a positive number of tokens")
     stride = DEFAULT_STRIDE if args.global_positional_stride is None else args.global_positional_stride
+    progress = _progress_bar(args.progress, ["read", "load", "convert", "save"])
+    if progress.disable:
+        hf_logging.disable_progress_bar()
 
-    _say(f"reading {args.input}")
-    config = AutoConfig.from_pretrained(args.input, trust_remote_code=False)
+    _say(f"reading {source}")
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     saved = saved_settings(config)
     settings = LSGConfig.from_kwargs(saved, **options)  # every option validated before any weight is read
     _check_modes(args, saved is not None)
     model_class = model_class_for(config, args.architecture)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    progress.update()
 
     kind = "LSG" if saved is not None else "plain"
     _say(f"loading the {kind} {config.model_type} checkpoint as {model_class.__name__} (dtype {args.dtype})")
     if saved is not None:
         with enabled():
-            model = model_class.from_pretrained(args.input, dtype=dtype)
+            model = model_class.from_pretrained(source, dtype=dtype)
     else:
-        model = model_class.from_pretrained(args.input, dtype=dtype)
-    tokenizer = _tokenizer(AutoTokenizer, args.input)
+        model = model_class.from_pretrained(source, dtype=dtype)
+    tokenizer = _tokenizer(AutoTokenizer, source)
     before = sum(p.numel() for p in model.parameters())
     model_type, entry = entry_for(model)
     base = getattr(model, "base_model", model)
+    progress.update()
 
     if saved is not None and args.resize_lsg:
         _say(f"resizing the LSG model to {args.max_length} tokens; global tokens kept")
@@ -193,13 +227,36 @@ def convert(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 get_submodule(base, entry.global_embeddings_parent).global_embeddings.weight[0] = first
     after = sum(p.numel() for p in model.parameters())
+    progress.update()
 
     _say(f"saving to {output}")
-    _save(model, tokenizer, args.max_length, output, args.overwrite)
+    kept = _save(model, tokenizer, args.max_length, output, args.overwrite, Path(args.input), source)
+    progress.update()
+    progress.close()
+    if kept:
+        _say(f"sentence-transformers folder: kept {', '.join(kept)} (max_seq_length {args.max_length})")
     print(f"{PROG}: done: {model_type} {type(model).__name__}, max length {args.max_length}, "
           f"{after - before:+,} parameters ({before:,} -> {after:,}), {model.config.sparsity_type} sparsity, "
           f"block {model.config.block_size}, {model.config.num_global_tokens} global token(s)"
           + ("" if tokenizer is not None else "; no tokenizer found in the input, only the model was saved"))  # fmt: skip
+
+
+def _model_folder(source: str) -> str:
+    """The folder (or hub id) of the transformers checkpoint: `source`, or for a sentence-transformers folder the
+    folder of its Transformer module (modules.json says where)."""
+    if not os.path.isdir(source):
+        return source
+    folder = transformer_folder(Path(source))
+    return source if folder is None else str(folder)
+
+
+def _progress_bar(show: bool | None, steps: list[str]) -> Any:
+    """A tqdm bar over the convert steps (transformers' own bars show the weights loaded and written inside them);
+    shown when asked, or by default when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    disable = not sys.stderr.isatty() if show is None else not show
+    return tqdm(total=len(steps), desc=f"{PROG} convert", unit="step", disable=disable, file=sys.stderr)
 
 
 def _check_modes(args: argparse.Namespace, input_is_lsg: bool) -> None:
@@ -241,19 +298,32 @@ def _tokenizer(auto_tokenizer: Any, source: str) -> Any:
         return None
 
 
-def _save(model: Any, tokenizer: Any, max_length: int, output: Path, overwrite: bool) -> None:
-    """Write into a temporary folder next to `output`, then move it in place (nothing half-written is left)."""
+def _save(model: Any, tokenizer: Any, max_length: int, output: Path, overwrite: bool, source: Path,
+          model_folder: str) -> list[str]:
+    """Write into a temporary folder next to `output`, then move it in place (nothing half-written is left).
+
+    A sentence-transformers input stays one: the model goes where its Transformer module was and the other
+    modules are copied (their names are returned). Write failures (disk full, permissions) become an OSError
+    naming the output, which `main` prints as one line."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the result should look like any saved model
+    relative = Path(model_folder).relative_to(source) if model_folder != str(source) else Path()
     try:
-        model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.model_max_length = max_length
-            tokenizer.init_kwargs["model_max_length"] = max_length
-            tokenizer.save_pretrained(staging)
+        try:
+            model.save_pretrained(staging / relative)
+            if tokenizer is not None:
+                set_tokenizer_length(tokenizer, max_length)
+                tokenizer.save_pretrained(staging / relative)
+            kept = copy_sentence_modules(source, staging, max_length) if (source / MODULES_FILE).is_file() else []
+        except (OSError, RuntimeError) as error:
+            raise OSError(f"could not write {output}: {_first_line(error)}") from error
+        except Exception as error:  # safetensors' SafetensorError (disk full while serialising) is no OSError
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(f"could not write {output}: {_first_line(error)}") from error
         if output.exists():
             if not overwrite and any(output.iterdir()):
                 raise ValueError(f"the output folder {str(output)!r} appeared while converting; nothing was written")
@@ -261,11 +331,36 @@ def _save(model: Any, tokenizer: Any, max_length: int, output: Path, overwrite: 
         os.replace(staging, output)
     finally:
         if staging.exists():
-            shutil.rmtree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
+    return kept
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _say(message: str) -> None:
     print(f"{PROG}: {message}", flush=True)
+
+
+# --- run ------------------------------------------------------------------------------------------------
+
+RUN_CONVERSION_FLAGS = ("random_global_init", "global_positional_stride", "seed")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Validate the options, then replace this process by the command (see lsg_patch.run)."""
+    from .run import execute
+
+    command = list(args.program)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    names = (*option_names(), *RUN_CONVERSION_FLAGS)
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.max_length is not None:
+        options["max_length"] = args.max_length
+    execute(command, options)
 
 
 # --- info -------------------------------------------------------------------------------------------------
@@ -277,82 +372,13 @@ def info(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=None, sort_keys=True))
         return
     print(f"{args.path}: {report['model_type']} {', '.join(report['architectures']) or '(no architecture)'}")
+    print(f"  position embeddings: {report['positions'] or 'unknown (model type not supported by lsg_patch)'}")
     if not report["is_lsg"]:
         print("  plain checkpoint (no LSG settings)" + (f", {report['max_length']} positions" if report["max_length"] else ""))
         return
     print(f"  LSG checkpoint, saved by {report['saved_by']}; max length {report['max_length']}")
     print(f"  settings: {', '.join(f'{k}={v}' for k, v in report['settings'].items())}")
     print(f"  global table: {report['global_table_rows']} rows" if report["global_table_rows"] else "  global table: MISSING")
-
-
-def checkpoint_report(folder: Path) -> dict[str, Any]:
-    """What `info` prints: read from config.json and the weight files' headers (nothing is loaded or run)."""
-    if not folder.is_dir():
-        raise ValueError(f"checkpoint folder {str(folder)!r} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{str(folder)!r} has no config.json: it is not a transformers checkpoint folder")
-    try:
-        raw = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{folder / 'config.json'} is not valid JSON: {error.msg} (line {error.lineno})") from None
-    config = argparse.Namespace(**raw)
-    settings = saved_settings(config)
-    shapes = _weight_shapes(folder)
-    report: dict[str, Any] = {
-        "path": str(folder),
-        "model_type": raw.get("model_type"),
-        "architectures": list(raw.get("architectures") or []),
-        "is_lsg": settings is not None,
-        "max_length": _max_length(raw.get("model_type"), shapes),
-        "has_weights": bool(shapes),
-    }
-    if settings is None:
-        return report
-    auto_map = raw.get("auto_map") or {}
-    by_reference = any(str(v).split("--")[-1].startswith(REFERENCE_CODE_PREFIX) for v in auto_map.values())
-    globals_ = [shape for name, shape in shapes.items() if name.endswith("global_embeddings.weight")]
-    report.update(
-        saved_by="the public LSG project" if by_reference else "lsg_patch" if "lsg_patch_note" in raw else "unknown",
-        settings=settings.config_entries(bool(raw.get("is_encoder_decoder"))),
-        global_table_rows=globals_[0][0] if globals_ else None,
-    )
-    return report
-
-
-def _weight_shapes(folder: Path) -> dict[str, list[int]]:
-    try:
-        names = weight_names(check_checkpoint_folder(folder))
-    except ValueError:
-        return {}
-    wanted = [n for n in names if n.endswith(("global_embeddings.weight", "position_embeddings.weight", "embed_positions.weight"))]
-    return {name: _shape(folder, name) for name in wanted}
-
-
-def _shape(folder: Path, name: str) -> list[int]:
-    index = folder / "model.safetensors.index.json"
-    file = folder / (json.loads(index.read_text())["weight_map"][name] if index.is_file() else "model.safetensors")
-    if file.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as handle:
-            return list(handle.get_slice(name).get_shape())
-    import torch
-
-    bin_index = folder / "pytorch_model.bin.index.json"
-    file = folder / (json.loads(bin_index.read_text())["weight_map"][name] if bin_index.is_file() else "pytorch_model.bin")
-    return list(torch.load(file, map_location="meta", weights_only=True)[name].shape)
-
-
-def _max_length(model_type: Any, shapes: dict[str, list[int]]) -> int | None:
-    from .registry import supported_architectures
-
-    entry = supported_architectures().get(model_type)
-    if entry is None:
-        return None
-    for name, shape in shapes.items():
-        if name.endswith(entry.position_embeddings + ".weight"):
-            return shape[0] - entry.position_offset
-    return None
 
 
 if __name__ == "__main__":

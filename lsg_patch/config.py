@@ -40,7 +40,7 @@ class LSGConfig:
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
         _check_int("sparse_block_size", self.sparse_block_size, minimum=0)
-        _check_int("sparsity_factor", self.sparsity_factor, minimum=0)
+        _check_int("sparsity_factor", self.sparsity_factor, minimum=1)
         _check_int("lsh_num_pre_rounds", self.lsh_num_pre_rounds, minimum=1)
         _check_int("num_global_tokens", self.num_global_tokens, minimum=1, maximum=MAX_GLOBAL_TOKENS)
         for name in ("mask_first_token", "pool_with_global", "adaptive", "pass_global_tokens_to_decoder"):
@@ -51,7 +51,7 @@ class LSGConfig:
             raise ValueError(
                 f"sparsity_type={self.sparsity_type!r} is not accepted{hint}; choose one of {', '.join(SPARSITY_TYPES)}"
             )
-        if self.sparsity_factor > 0 and self.block_size % self.sparsity_factor != 0:
+        if self.block_size % self.sparsity_factor != 0:
             divisors = [d for d in range(1, self.block_size + 1) if self.block_size % d == 0]
             raise ValueError(
                 f"block_size={self.block_size} is not a multiple of sparsity_factor={self.sparsity_factor}; "

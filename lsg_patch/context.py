@@ -9,7 +9,7 @@ Rules (README "Loading inside enabled()"):
 * A plain checkpoint is converted with `to_lsg(model, **overrides)` when the block gives `max_length`, with
   the block's options and then `from_pretrained`'s LSG options. Without `max_length` it is loaded unchanged
   (logged), and LSG options passed to its `from_pretrained` raise.
-* `trust_remote_code=True` is accepted and replaced by False (logged once per block); code shipped with a
+* `trust_remote_code=True` is accepted and replaced by False (logged once per process); code shipped with a
   checkpoint is never imported while a block is open.
 
 Patches (wrapt) go on `PreTrainedModel.from_pretrained` — every Auto class ends there too —, on
@@ -23,6 +23,9 @@ another thread's `from_pretrained` behaves exactly as plain transformers. asynci
 inherit it. Nested blocks merge their options over the enclosing block's. Blocks of different threads may
 close in any order. Note that transformers' own from_pretrained is not safe to run in several threads at once
 (its model-init contexts, e.g. weight tying, are process-global); lsg_patch adds no such state.
+
+`enable_for_process(**options)` (what `lsg-patch run` uses) is a block that every thread and context sees
+(unless it opens its own block, which merges over it) and that is never closed.
 """
 from __future__ import annotations
 
@@ -36,10 +39,11 @@ from typing import Any, Callable, Iterator
 
 import wrapt
 
+from .api import check_conversion_options, to_lsg  # the public to_lsg also raises a given tokenizer's length
 from .config import LSGConfig, option_names
 from .registry import entry_for
 from .persistence import drop_reference_code_map, saved_settings
-from .swap import attach_saved_lsg, is_lsg_model, to_lsg
+from .swap import attach_saved_lsg, is_lsg_model
 
 logger = logging.getLogger("lsg_patch")
 
@@ -49,19 +53,11 @@ CONVERSION_OPTIONS = ("tokenizer", "bos_token_id", "mask_token_id", "global_posi
 CARD_DROPOUT = "attention_probs_dropout_prob"
 
 
-@dataclass
-class _Session:
-    """State shared by a block and the blocks nested in it (so the remote-code note is logged once)."""
-
-    remote_code_noted: bool = False
-
-
 @dataclass(frozen=True)
 class _Block:
     max_length: int | None
     conversion: dict[str, Any]
     lsg_options: dict[str, Any]
-    session: _Session
 
 
 @dataclass
@@ -80,6 +76,8 @@ _LOADING: contextvars.ContextVar[_Load | None] = contextvars.ContextVar("lsg_pat
 _LOCK = threading.Lock()
 _OPEN_BLOCKS = 0
 _INSTALLED: list["_Patch"] = []
+_PROCESS_BLOCK: _Block | None = None  # enable_for_process(): seen where no block of the context's own is open
+_REMOTE_CODE_NOTED = False  # the trust_remote_code notice is logged once per process
 
 
 @contextlib.contextmanager
@@ -91,7 +89,7 @@ def enabled(max_length: int | None = None, **overrides: Any) -> Iterator[None]:
     bos_token_id, mask_token_id, global_positional_stride, random_global_init, seed) for plain checkpoints.
     Unknown names and invalid values raise here, before anything is patched.
     """
-    outer = _ACTIVE.get()
+    outer = _current_block()
     block = _new_block(max_length, overrides, outer)
     _open()
     token = _ACTIVE.set(block)
@@ -108,14 +106,35 @@ def _new_block(max_length: Any, overrides: dict[str, Any], outer: _Block | None)
     conversion = {k: v for k, v in overrides.items() if k in CONVERSION_OPTIONS}
     lsg_options = {k: v for k, v in overrides.items() if k not in CONVERSION_OPTIONS}
     check_lsg_options(lsg_options, extra=CONVERSION_OPTIONS + ("max_length",))
+    check_conversion_options(**conversion)
     if outer is None:
-        return _Block(max_length, conversion, lsg_options, _Session())
+        return _Block(max_length, conversion, lsg_options)
     return _Block(
         max_length if max_length is not None else outer.max_length,
         {**outer.conversion, **conversion},
         {**outer.lsg_options, **lsg_options},
-        outer.session,
     )
+
+
+def enable_for_process(max_length: int | None = None, **overrides: Any) -> None:
+    """`enabled()` for the whole process, every thread included, never closed: what `lsg-patch run` activates
+    before a script's first line. Options as for `enabled()`; calling it again replaces them."""
+    global _PROCESS_BLOCK
+    block = _new_block(max_length, overrides, None)
+    with _LOCK:
+        if _PROCESS_BLOCK is None:
+            _open_locked()
+        _PROCESS_BLOCK = block
+
+
+def check_enabled_options(max_length: int | None = None, **overrides: Any) -> None:
+    """Raise the ValueError `enabled(max_length, **overrides)` would raise, without opening a block."""
+    _new_block(max_length, overrides, None)
+
+
+def _current_block() -> _Block | None:
+    block = _ACTIVE.get()
+    return block if block is not None else _PROCESS_BLOCK
 
 
 def check_lsg_options(options: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
@@ -145,11 +164,15 @@ def check_lsg_options(options: dict[str, Any], extra: tuple[str, ...] = ()) -> N
 
 
 def _open() -> None:
-    global _OPEN_BLOCKS
     with _LOCK:
-        if _OPEN_BLOCKS == 0:
-            _install()
-        _OPEN_BLOCKS += 1
+        _open_locked()
+
+
+def _open_locked() -> None:
+    global _OPEN_BLOCKS
+    if _OPEN_BLOCKS == 0:
+        _install()
+    _OPEN_BLOCKS += 1
 
 
 def _close() -> None:
@@ -220,13 +243,13 @@ def _transformers_modules() -> list[Any]:
 
 
 def _from_pretrained_wrapper(wrapped: Callable, model_class: Any, args: tuple, kwargs: dict) -> Any:
-    block = _ACTIVE.get()
+    block = _current_block()
     if block is None or _LOADING.get() is not None:  # outside any block, or a load nested in one being handled
         return wrapped(*args, **kwargs)
     lsg_kwargs = {k: kwargs.pop(k) for k in option_names() if k in kwargs}
     check_lsg_options(lsg_kwargs)
     if kwargs.get("trust_remote_code"):
-        _note_remote_code(block)
+        _note_remote_code()
         kwargs["trust_remote_code"] = False
     _absorb_card_dropout(model_class, kwargs)
     want_info = kwargs.pop("output_loading_info", False)
@@ -306,13 +329,12 @@ def _absorb_card_dropout(model_class: Any, kwargs: dict[str, Any]) -> None:
 
 
 def _trust_remote_code_wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    block = _ACTIVE.get()
-    if block is None:
+    if _current_block() is None:
         return wrapped(*args, **kwargs)
     trust, name, has_local_code, has_remote_code = _resolve_arguments(*args, **kwargs)
     if not trust:
         return wrapped(*args, **kwargs)
-    _note_remote_code(block)
+    _note_remote_code()
     if has_remote_code and not has_local_code:
         raise ValueError(
             f"{name} can only be loaded with its own code, and lsg_patch.enabled() never runs code from a checkpoint; "
@@ -328,14 +350,16 @@ def _resolve_arguments(
 
 
 def _refuse_remote_code(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    if _ACTIVE.get() is None:
+    if _current_block() is None:
         return wrapped(*args, **kwargs)
     raise RuntimeError("lsg_patch.enabled() refuses to import code shipped with a checkpoint (no remote code is run)")
 
 
-def _note_remote_code(block: _Block) -> None:
-    if not block.session.remote_code_noted:
-        block.session.remote_code_noted = True
+def _note_remote_code() -> None:
+    global _REMOTE_CODE_NOTED
+    with _LOCK:
+        first, _REMOTE_CODE_NOTED = not _REMOTE_CODE_NOTED, True
+    if first:
         logger.warning(
             "lsg_patch.enabled(): trust_remote_code=True is ignored; no code from the checkpoint is run, "
             "LSG is applied by lsg_patch to transformers' own classes"

@@ -24,6 +24,12 @@ class GlobalInit:
     seed: int = 0
 
 
+def check_seed(seed: object) -> None:
+    """The seed goes to torch.Generator.manual_seed: refuse what it would reject with a raw torch error."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed={seed!r} is not accepted: it must be an integer between 0 and 2**64 - 1")
+
+
 def check_positional_stride(stride: int, positions: int) -> None:
     """Refuse strides the reordering cannot use (it needs 512 / (stride / factor) to be whole)."""
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger("lsg_patch")
+
+TOKENIZER_ID_ATTRIBUTES = ("cls_token_id", "bos_token_id", "mask_token_id")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,23 @@ def resolve_seed_tokens(
         "no tokenizer (position-only initialisation"
         + (", plus the config's bos_token_id)" if config_bos is not None else ")"),
     )
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    """Refuse what is not a loaded tokenizer (a path, a number, ...) instead of falling back to a position-only
+    seed with only a log line: a tokenizer is an object with a cls/bos/mask token id attribute."""
+    if tokenizer is None:
+        return
+    if isinstance(tokenizer, (str, bytes, os.PathLike)):
+        raise ValueError(
+            f"tokenizer={tokenizer!r} is a path, not a tokenizer: pass the loaded tokenizer, "
+            f"e.g. tokenizer=AutoTokenizer.from_pretrained({str(tokenizer)!r}), or None"
+        )
+    if not any(hasattr(tokenizer, name) for name in TOKENIZER_ID_ATTRIBUTES):
+        raise ValueError(
+            f"tokenizer={tokenizer!r} is not accepted: give a loaded transformers tokenizer (an object with "
+            f"{', '.join(TOKENIZER_ID_ATTRIBUTES)}) or None"
+        )
 
 
 def check_token_ids(seed: SeedTokens, vocab_size: int) -> None:

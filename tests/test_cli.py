@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 import lsg_patch
 from lsg_patch.cli import build_parser, main
@@ -197,3 +197,44 @@ def test_unknown_flag_is_a_usage_error(capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unrecognized arguments: --block-sise" in err[0]
+
+
+def _small_file_limit() -> None:
+    """In the child: files may not grow past 200 kB, as on a full disk (EFBIG instead of a SIGXFSZ kill)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+
+def test_a_disk_error_is_one_line_and_leaves_nothing(plain_dir, tmp_path) -> None:
+    output = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "lsg_patch.cli", "convert", str(plain_dir), str(output),
+                             "--max-length", "256"], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
+                            preexec_fn=_small_file_limit)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"lsg-patch: error: could not write {output}: ")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the staging folder
+
+
+def test_progress_bar_over_the_convert_steps(plain_dir, tmp_path, capsys) -> None:
+    assert main(["convert", str(plain_dir), str(tmp_path / "out"), "--max-length", "256", "--progress"]) == 0
+    assert "lsg-patch convert: 100%" in capsys.readouterr().err
+    assert main(["convert", str(plain_dir), str(tmp_path / "quiet"), "--max-length", "256"]) == 0
+    assert "lsg-patch convert" not in capsys.readouterr().err  # not a terminal: no bar by default
+
+
+def test_info_prints_the_position_kind(converted, tmp_path, capsys) -> None:
+    output, _ = converted
+    assert main(["info", str(output)]) == 0
+    text = capsys.readouterr().out
+    assert "position embeddings: learned" in text and "settings: block_size=32" in text
+    pegasus = AutoConfig.for_model("pegasus", vocab_size=99, d_model=16, encoder_layers=1, decoder_layers=1,
+                                   encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                   decoder_ffn_dim=32, max_position_embeddings=64)  # fmt: skip
+    AutoModel.from_config(pegasus).save_pretrained(tmp_path / "pegasus")
+    assert main(["info", str(tmp_path / "pegasus"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["positions"] == "sinusoidal"

@@ -20,8 +20,9 @@ CONVERT = dict(block_size=16, sparse_block_size=16, sparsity_factor=2, num_globa
 
 
 @pytest.fixture
-def lsg_logs(caplog):
+def lsg_logs(caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="lsg_patch")
+    monkeypatch.setattr(lsg_patch.context, "_REMOTE_CODE_NOTED", False, raising=False)  # a fresh process
     return caplog
 
 
@@ -153,6 +154,14 @@ def test_model_card_keyword_arguments_override_saved_settings(lsg_dir, tmp_path,
         assert torch.equal(model(**batch).last_hidden_state, saved(**batch).last_hidden_state)
 
 
+def test_the_trust_remote_code_notice_is_logged_once_per_process(lsg_dir, lsg_logs) -> None:
+    """A script loads in several blocks (or calls a helper that opens one); the README promises one notice."""
+    for _ in range(3):
+        with lsg_patch.enabled():
+            AutoModel.from_pretrained(lsg_dir, trust_remote_code=True)
+    assert lsg_logs.text.count("trust_remote_code=True is ignored") == 1
+
+
 def test_remote_code_only_checkpoint_is_refused(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-transformers-type",
                                                       "auto_map": {"AutoConfig": "modeling_x.XConfig"}}))  # fmt: skip
@@ -245,6 +254,12 @@ def test_threads_without_a_block_see_plain_transformers(plain_dir) -> None:
         ({"max_length": "4096"}, r"max_length='4096' is not accepted"),
         ({"block_size": 100, "sparsity_factor": 3}, r"block_size=100 is not a multiple of sparsity_factor=3"),
         ({"num_global_tokens": 0}, r"num_global_tokens=0 is not accepted"),
+        ({"sparsity_factor": 0}, r"sparsity_factor=0 is not accepted"),
+        ({"max_length": 256, "tokenizer": "path/to/tokenizer"}, r"tokenizer='path/to/tokenizer' is a path"),
+        ({"max_length": 256, "tokenizer": 42}, r"tokenizer=42 is not accepted"),
+        ({"max_length": 256, "seed": "a"}, r"seed='a' is not accepted"),
+        ({"max_length": 256, "random_global_init": "yes"}, r"random_global_init='yes' is not accepted"),
+        ({"max_length": 256, "global_positional_stride": 0}, r"global_positional_stride=0 is not accepted"),
     ],
 )
 def test_bad_options_raise_before_anything_is_patched(kwargs, message) -> None:
@@ -266,3 +281,14 @@ def test_block_options_are_checked_alone_then_merged_with_from_pretrained_option
         with pytest.raises(ValueError, match=r"block_size=128 is not a multiple of sparsity_factor=3"):
             BertModel.from_pretrained(plain_dir)
     assert (model.config.sparsity_factor, model.config.block_size) == (3, 48)
+
+
+def test_a_tokenizer_given_to_the_block_is_raised_to_max_length(plain_dir) -> None:
+    from transformers import AutoTokenizer
+
+    from lsg_patch.demo import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    with lsg_patch.enabled(max_length=1024, tokenizer=tokenizer, bos_token_id=1, mask_token_id=2):
+        model = BertModel.from_pretrained(plain_dir)
+    assert lsg_patch.is_lsg_model(model) and tokenizer.model_max_length == 1024

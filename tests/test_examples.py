@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,13 @@ def test_convert_save_reload(tmp_path, capsys):
     assert difference < 1e-6
     assert (tmp_path / "saved" / "config.json").exists()
     assert "after from_lsg: is LSG False" in capsys.readouterr().out
+
+
+def test_convert_save_reload_removes_its_temporary_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where tempfile creates folders without --out
+    run_example("convert_save_reload", "--tiny")
+    saved_to = capsys.readouterr().out.split("saved to ")[1].split(":")[0]
+    assert Path(saved_to).parent == tmp_path and list(tmp_path.iterdir()) == []
 
 
 def test_getting_started_notebook(tmp_path, monkeypatch):

@@ -16,17 +16,20 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    AutoTokenizer,
     OPTConfig,
     OPTModel,
 )
 
 import lsg_patch
 from lsg_patch.config import option_names
+from lsg_patch.demo import minilm_path
 from tiny_models import BERT_FAMILY, tiny_model
 
 HEADS = (AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
          AutoModelForQuestionAnswering, AutoModelForMultipleChoice, AutoModelForPreTraining)  # fmt: skip
 SMALL = dict(block_size=4, sparse_block_size=4, sparsity_factor=2)
+IDS = dict(bos_token_id=1, mask_token_id=2)
 
 
 def snapshot(model: nn.Module) -> tuple:
@@ -152,6 +155,11 @@ def test_non_adaptive_model_refuses_lengths_off_the_block_grid():
         (dict(max_length=32), "max_length=32 is below the 64 positions"),
         (dict(global_positional_stride=48), "global_positional_stride=48 is not accepted"),
         (dict(bos_token_id=1000), "bos_token_id=1000"),
+        (dict(sparsity_factor=0), "sparsity_factor=0 is not accepted: it must be at least 1"),
+        (dict(tokenizer=42), "tokenizer=42 is not accepted: give a loaded transformers tokenizer"),
+        (dict(tokenizer="path/to/tokenizer"), "tokenizer='path/to/tokenizer' is a path, not a tokenizer.*AutoTokenizer"),
+        (dict(seed="a"), "seed='a' is not accepted: it must be an integer"),
+        (dict(seed=-1), "seed=-1 is not accepted"),
     ],
 )
 def test_bad_options_raise_and_leave_the_model_unchanged(options, message):
@@ -265,3 +273,40 @@ def test_position_only_initialisation_without_any_token_ids(caplog):
     assert "no tokenizer (position-only initialisation)" in caplog.text
     table = model.embeddings.global_embeddings.weight.detach()
     assert torch.allclose(table[0], positions[0] + token_type) and torch.allclose(table[8], positions[1] + token_type)
+
+
+def test_the_tokenizer_given_is_raised_to_max_length():
+    """Else the user's next tokenizer(text, truncation=True) silently cuts at the old 512."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    assert tokenizer.model_max_length == 512
+    model = tiny_model("bert", vocab_size=tokenizer.vocab_size)
+    lsg_patch.to_lsg(model, max_length=1024, tokenizer=tokenizer, **SMALL)
+    assert tokenizer.model_max_length == 1024
+    assert len(tokenizer("word " * 2000, truncation=True)["input_ids"]) == 1024
+    lsg_patch.to_lsg(model, max_length=2048, tokenizer=tokenizer)  # re-configuring raises it again
+    assert tokenizer.model_max_length == 2048 and tokenizer.init_kwargs["model_max_length"] == 2048
+
+
+def test_a_failed_to_lsg_leaves_the_tokenizer_as_it_was():
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    with pytest.raises(ValueError, match="sparsity_type='nrom'"):
+        lsg_patch.to_lsg(tiny_model("bert", vocab_size=tokenizer.vocab_size), max_length=1024, tokenizer=tokenizer,
+                         sparsity_type="nrom")  # fmt: skip
+    assert tokenizer.model_max_length == 512
+
+
+def test_an_lsg_checkpoint_loaded_by_plain_transformers_is_refused_with_how_to_load_it(tmp_path):
+    """Plain transformers drops the trained global tokens; converting again would also reset the saved settings."""
+    model = tiny_model("bert", AutoModelForMaskedLM)
+    lsg_patch.to_lsg(model, max_length=256, block_size=16, sparsity_type="pooling", num_global_tokens=4, **IDS)
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    before = snapshot(plain)
+    with pytest.raises(ValueError, match="loaded from an LSG checkpoint .*block_size=16, sparsity_type='pooling', "
+                       "num_global_tokens=4.* lsg_patch.from_pretrained.*lsg_patch.enabled"):  # fmt: skip
+        lsg_patch.to_lsg(plain, max_length=512)
+    assert_unchanged(plain, before)
+    reloaded = lsg_patch.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.bert.embeddings.global_embeddings.weight, model.bert.embeddings.global_embeddings.weight)
+    lsg_patch.to_lsg(reloaded, max_length=512)  # the supported way: settings and global tokens kept
+    assert (reloaded.config.block_size, reloaded.config.sparsity_type, reloaded.config.num_global_tokens) == (16, "pooling", 4)
