@@ -92,7 +92,9 @@ _ROBERTA_HEADS = tuple(head for head in _BERT_HEADS if head != "ForPreTraining")
 _BERT_CLASS_HEADS = (*_ROBERTA_HEADS[:-1], "ForPreTraining", "ForNextSentencePrediction", "LMHeadModel")
 
 
-def _bert_like(offset: int, token_types: bool, description: str, heads: tuple[str, ...] = _BERT_HEADS) -> ArchitectureEntry:
+def bert_like_entry(offset: int, token_types: bool, description: str = "", heads: tuple[str, ...] = _BERT_HEADS
+                    ) -> ArchitectureEntry:
+    """BERT's layout: `embeddings`, `encoder.layer.*.attention.self`, a learned table after `offset` rows."""
     return ArchitectureEntry(
         adapter="lsg_patch.families.bert:BertFamily",
         self_attention="encoder.layer.*.attention.self",
@@ -129,7 +131,7 @@ def _bart_like(
 
 
 # Entries shared by several model types (frozen dataclasses, so sharing is safe).
-_ROBERTA_LIKE = _bert_like(
+_ROBERTA_LIKE = bert_like_entry(
     2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS
 )
 _BART_LIKE = _bart_like(
@@ -143,7 +145,7 @@ _DECODER_HEADS = ("Model", "ForCausalLM", "ForSequenceClassification", "ForQuest
 
 
 # Llama-like decoder stacks: `embed_tokens`, `layers.*.self_attn`, rotary positions applied inside the attention.
-_ROTARY_DECODER = ArchitectureEntry(
+ROTARY_DECODER = ArchitectureEntry(
     adapter="lsg_patch.families.stack:StackFamily",
     self_attention="layers.*.self_attn",
     position_embeddings=None,
@@ -180,14 +182,27 @@ def _rotary_encoder(heads: tuple[str, ...] = _ENCODER_HEADS) -> ArchitectureEntr
     )
 
 
-_GTE_LIKE = _rotary_encoder()
+ROTARY_ENCODER = _rotary_encoder()
+# GPT-2's layout: `wte`, `wpe` (learned), `h.*.attn`.
+GPT2_LIKE = ArchitectureEntry(
+    adapter="lsg_patch.families.stack:StackFamily",
+    self_attention="h.*.attn",
+    position_embeddings="wpe",
+    word_embeddings="wte",
+    embeddings="wte",
+    encoder="",
+    global_embeddings_parent="",
+    description="causal self-attention (no key/value cache yet); learned positions tiled; global tokens a prefix "
+    "without position",
+    heads=("Model", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
+)
 _REGISTRY: dict[str, ArchitectureEntry] = {
-    "bert": _bert_like(0, True, "encoder self-attention (LMHeadModel, is_decoder=True: causal, no key/value cache); "
+    "bert": bert_like_entry(0, True, "encoder self-attention (LMHeadModel, is_decoder=True: causal, no key/value cache); "
                        "learned positions tiled", _BERT_CLASS_HEADS),
     "roberta": _ROBERTA_LIKE,
     "camembert": _ROBERTA_LIKE,
     "xlm-roberta": _ROBERTA_LIKE,
-    "electra": _bert_like(0, True, "encoder self-attention; learned positions tiled; global tokens at embedding_size, "
+    "electra": bert_like_entry(0, True, "encoder self-attention; learned positions tiled; global tokens at embedding_size, "
                           "before embeddings_project"),
     "albert": ArchitectureEntry(
         adapter="lsg_patch.families.albert:AlbertFamily",
@@ -221,26 +236,15 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
         "encoder self-attention only; encoder and decoder sinusoidal tables regenerated; global tokens passed to "
         "the decoder",
     ),  # fmt: skip
-    "gpt2": ArchitectureEntry(
-        adapter="lsg_patch.families.stack:StackFamily",
-        self_attention="h.*.attn",
-        position_embeddings="wpe",
-        word_embeddings="wte",
-        embeddings="wte",
-        encoder="",
-        global_embeddings_parent="",
-        description="causal self-attention (no key/value cache yet); learned positions tiled; global tokens a prefix "
-        "without position",
-        heads=("Model", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
-    ),
-    "llama": _ROTARY_DECODER,
-    "mistral": _ROTARY_DECODER,
-    "qwen2": _ROTARY_DECODER,
-    "qwen3": _ROTARY_DECODER,
-    "gte": _GTE_LIKE,
-    "nomic_bert": _GTE_LIKE,
+    "gpt2": GPT2_LIKE,
+    "llama": ROTARY_DECODER,
+    "mistral": ROTARY_DECODER,
+    "qwen2": ROTARY_DECODER,
+    "qwen3": ROTARY_DECODER,
+    "gte": ROTARY_ENCODER,
+    "nomic_bert": ROTARY_ENCODER,
     "jina_embeddings_v3": _rotary_encoder((*_ENCODER_HEADS, "ForQuestionAnswering")),
-    "eurobert": replace(_ROTARY_DECODER, description=_ROTARY_ENCODER_NOTE, heads=_ENCODER_HEADS),
+    "eurobert": replace(ROTARY_DECODER, description=_ROTARY_ENCODER_NOTE, heads=_ENCODER_HEADS),
 }
 
 
@@ -302,10 +306,12 @@ def entry_for(model: Any) -> tuple[str, ArchitectureEntry]:
         raise ValueError(f"model_type {model_type!r} ({type(model).__name__}) cannot take LSG attention: "
                          f"{CANNOT_SUPPORT[model_type]}")
     if model_type not in _REGISTRY:
-        raise ValueError(
-            f"model_type {model_type!r} ({type(model).__name__}) is not supported by lsg_patch; supported model "
-            f"types: {supported}. Add it with lsg_patch.register({model_type!r}, ArchitectureEntry(...))"
-        )
+        from .inference import infer_entry  # it builds on this module's entries
+
+        try:
+            return model_type, infer_entry(model, model_type)
+        except ValueError as error:
+            raise ValueError(f"{error}. Registered model types: {supported}") from None
     return model_type, _REGISTRY[model_type]
 
 

@@ -240,9 +240,11 @@ def _attention_modules(model_type: str, entry: ArchitectureEntry, base: nn.Modul
     modules = list({id(module): module for _, _, module in find_modules(base, entry.self_attention)}.values())
     for module in modules:
         if not seam.routes_through_interface(module):
+            origin = type(module).__module__
+            remote = "" if origin.startswith("transformers.") else f" (its class comes from {origin}: remote code)"
             raise ValueError(
-                f"registry entry {model_type!r}: {type(module).__name__} (path {entry.self_attention!r}) does not call "
-                "its attention through transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS[config."
+                f"registry entry {model_type!r}: {type(module).__name__}{remote} (path {entry.self_attention!r}) does "
+                "not call its attention through transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS[config."
                 "_attn_implementation]), so LSG attention cannot run in it; lsg_patch supports attention modules "
                 "that do"
             )
