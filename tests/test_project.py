@@ -33,7 +33,7 @@ def test_readme_main_job_installs_the_demo_extra_and_tests_the_test_extra() -> N
 
 def test_claimed_versions_hold_the_installed_and_the_check_machine_versions() -> None:
     torch_range, transformers_range = requirement("torch"), requirement("transformers")
-    assert Version("5.0.0") in transformers_range and Version("4.57.6") not in transformers_range  # the tested floor
+    assert Version("5.4.0") in transformers_range and Version("5.3.0") not in transformers_range  # the tested floor
     assert Version("6.0.0") not in transformers_range
     assert Version(CHECK_MACHINE["torch"]) in torch_range and Version(CHECK_MACHINE["transformers"]) in transformers_range
     assert Version(torch.__version__.split("+")[0]) in torch_range

@@ -95,8 +95,10 @@ def test_wrong_module_path_fails_at_to_lsg_naming_entry_and_path_and_changes_not
 
 
 def test_unregistered_type_is_refused_with_the_supported_list() -> None:
-    with pytest.raises(ValueError, match=r"model_type 'ernie' .* is not supported.*lsg_patch\.register\('ernie'"):
-        lsg_patch.to_lsg(tiny("ernie"), max_length=128)
+    opt = AutoModel.from_config(AutoConfig.for_model("opt", **TINY, ffn_dim=64, word_embed_proj_dim=32))
+    with pytest.raises(ValueError, match=r"model_type 'opt' .* could not be inferred.*lsg_patch\.register\('opt'.*"
+                                         r"Registered model types: .*bert"):
+        lsg_patch.to_lsg(opt, max_length=128)
     with pytest.raises(KeyError, match="'ernie' is not registered"):
         lsg_patch.unregister("ernie")
 

@@ -172,7 +172,7 @@ def test_bad_options_raise_and_leave_the_model_unchanged(options, message):
 
 
 def test_unsupported_models_are_named_with_the_supported_list():
-    with pytest.raises(ValueError, match="model_type 'opt' .*supported model types: .*bert.*roberta"):
+    with pytest.raises(ValueError, match="model_type 'opt' .*Registered model types: .*bert.*roberta"):
         lsg_patch.to_lsg(OPTModel(OPTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, ffn_dim=64,
                                             word_embed_proj_dim=32)))
     with pytest.raises(ValueError, match="cannot convert a Linear.*supported model types"):
