@@ -109,7 +109,8 @@ def global_key(model: torch.nn.Module, entry: lsg_patch.ArchitectureEntry) -> st
 
 
 @pytest.mark.parametrize(("model_type", "head"), cases())
-def test_head_runs_long_padded_batch_with_unchanged_keys(model_type: str, head: str) -> None:
+def test_head_runs_long_padded_batch_with_unchanged_keys(model_type: str, head: str, tmp_path) -> None:  # noqa: ANN001
+    """... and comes back bit-exact from save_pretrained under enabled()."""
     model = build(model_type, head)
     entry = lsg_patch.supported_architectures()[model_type]
     keys_before = set(model.state_dict())
@@ -135,6 +136,14 @@ def test_head_runs_long_padded_batch_with_unchanged_keys(model_type: str, head: 
         assert diff < 1e-4, f"{model_type} {head} {name}: padded row differs from the row alone by {diff:.3g}"
         compared += 1
     assert compared, "no tensor output was compared"
+    model.save_pretrained(tmp_path)
+    with lsg_patch.enabled():
+        again = type(model).from_pretrained(tmp_path).eval()
+    state, loaded = model.state_dict(), again.state_dict()
+    assert state.keys() == loaded.keys() and all(torch.equal(state[k], loaded[k]) for k in state)
+    with torch.no_grad():
+        reloaded = again(**inputs, **no_cache)
+    assert all(torch.equal(batch[k], reloaded[k]) for k in batch if isinstance(batch[k], torch.Tensor))
 
 
 @pytest.mark.parametrize("model_type", sorted(lsg_patch.supported_architectures()))
