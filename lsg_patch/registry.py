@@ -166,23 +166,11 @@ _ROTARY_ENCODER_NOTE = ("bidirectional self-attention; global tokens a prefix at
                         "between tokens unchanged)")  # fmt: skip
 
 
-def _rotary_encoder(heads: tuple[str, ...] = _ENCODER_HEADS) -> ArchitectureEntry:
-    """GTE-like encoders: an `embeddings` module (word and token-type vectors, LayerNorm), `layers.*.self_attn`,
-    rotary positions applied inside the attention."""
-    return ArchitectureEntry(
-        adapter="lsg_patch.families.stack:StackFamily",
-        self_attention="layers.*.self_attn",
-        position_embeddings=None,
-        word_embeddings="embeddings.word_embeddings",
-        global_embeddings_parent="",
-        encoder="",
-        position_kind="rotary",
-        description=_ROTARY_ENCODER_NOTE + "; the global rows get the embeddings' token type 0 and LayerNorm",
-        heads=heads,
-    )
-
-
-ROTARY_ENCODER = _rotary_encoder()
+# GTE-like encoders: the rotary stack behind an `embeddings` module (word and token-type vectors, LayerNorm).
+ROTARY_ENCODER = replace(
+    ROTARY_DECODER, word_embeddings="embeddings.word_embeddings", embeddings="embeddings", heads=_ENCODER_HEADS,
+    description=_ROTARY_ENCODER_NOTE + "; the global rows get the embeddings' token type 0 and LayerNorm",
+)  # fmt: skip
 # GPT-2's layout: `wte`, `wpe` (learned), `h.*.attn`.
 GPT2_LIKE = ArchitectureEntry(
     adapter="lsg_patch.families.stack:StackFamily",
@@ -243,7 +231,7 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
     "qwen3": ROTARY_DECODER,
     "gte": ROTARY_ENCODER,
     "nomic_bert": ROTARY_ENCODER,
-    "jina_embeddings_v3": _rotary_encoder((*_ENCODER_HEADS, "ForQuestionAnswering")),
+    "jina_embeddings_v3": replace(ROTARY_ENCODER, heads=(*_ENCODER_HEADS, "ForQuestionAnswering")),
     "eurobert": replace(ROTARY_DECODER, description=_ROTARY_ENCODER_NOTE, heads=_ENCODER_HEADS),
 }
 

@@ -60,34 +60,24 @@ def oracle_hidden(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch
     return tokens if causal else torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)  # pool_with_global
 
 
-@pytest.mark.parametrize("model_type", DECODERS)
-def test_causal_lsg_matches_the_dense_oracle_on_a_padded_batch(model_type: str) -> None:
+def assert_matches_oracle(plain: torch.nn.Module, causal: bool, seed: int) -> None:
+    """The LSG conversion of `plain` against the dense oracle, on a batch whose row 1 is padded."""
+    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 99, (2, LENGTH), generator=generator)
+    mask = torch.ones(2, LENGTH, dtype=torch.long)
+    mask[1, PADDED:] = 0
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = oracle_hidden(plain, model, ids, mask, causal)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1, :PADDED], expected[1, :PADDED], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("model_type", "causal"), [(t, True) for t in DECODERS] + [(t, False) for t in ENCODERS])
+def test_lsg_matches_the_dense_oracle_on_a_padded_batch(model_type: str, causal: bool) -> None:
     plain = build(model_type, "Model", attn_implementation="sdpa")  # sdpa reads a 4-D bool mask as allowed keys
-    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, 99, (2, LENGTH), generator=generator)
-    mask = torch.ones(2, LENGTH, dtype=torch.long)
-    mask[1, PADDED:] = 0
-    with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        expected = oracle_hidden(plain, model, ids, mask)
-    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(got[1, :PADDED], expected[1, :PADDED], rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize("model_type", ENCODERS)
-def test_rotary_encoders_match_the_dense_oracle_on_a_padded_batch(model_type: str) -> None:
-    plain = build(model_type, "Model", attn_implementation="sdpa")
-    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)
-    generator = torch.Generator().manual_seed(5)
-    ids = torch.randint(5, 99, (2, LENGTH), generator=generator)
-    mask = torch.ones(2, LENGTH, dtype=torch.long)
-    mask[1, PADDED:] = 0
-    with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        expected = oracle_hidden(plain, model, ids, mask, causal=False)
-    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(got[1, :PADDED], expected[1, :PADDED], rtol=0, atol=1e-5)
+    assert_matches_oracle(plain, causal, seed=0)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])

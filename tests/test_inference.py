@@ -2,7 +2,6 @@
 missing and how to register them."""
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -11,7 +10,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 import lsg_patch
-from tests.test_decoders import LENGTH, LSG, MAX_LENGTH, PADDED, oracle_hidden
+from tests.test_decoders import LSG, MAX_LENGTH, assert_matches_oracle
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, initializer_range=0.2, pad_token_id=0)  # fmt: skip
@@ -46,16 +45,7 @@ def test_unregistered_layouts_are_inferred_logged_and_saved(model_type: str, cap
 
 @pytest.mark.parametrize("model_type", ["gemma", "olmo"])
 def test_inferred_rotary_stacks_match_the_dense_oracle(model_type: str) -> None:
-    plain = tiny(model_type, attn_implementation="sdpa")
-    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)
-    ids = torch.randint(5, 99, (2, LENGTH), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, LENGTH, dtype=torch.long)
-    mask[1, PADDED:] = 0
-    with torch.no_grad():
-        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        expected = oracle_hidden(plain, model, ids, mask)
-    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(got[1, :PADDED], expected[1, :PADDED], rtol=0, atol=1e-5)
+    assert_matches_oracle(tiny(model_type, attn_implementation="sdpa"), causal=True, seed=1)
 
 
 def test_unknown_layout_names_what_is_missing_and_how_to_register() -> None:
