@@ -31,6 +31,8 @@ class ArchitectureEntry:
     for the kinds without one).
     position_offset: leading rows of the position table that are not positions (2 for RoBERTa and BART).
     tied_position_tables: other tables that share max_position_embeddings and grow with the main one.
+    keep_sliding_window_layers: attention modules with a `sliding_window` keep their own (dense, windowed)
+    attention and LSG runs in the others (ModernBERT's global layers).
     """
 
     adapter: type[FamilyAdapter] | str
@@ -44,6 +46,7 @@ class ArchitectureEntry:
     position_kind: str = "learned"
     position_offset: int = 0
     tied_position_tables: tuple[str, ...] = ()
+    keep_sliding_window_layers: bool = False
     encoder_decoder: bool = False
     description: str = ""
     heads: tuple[str, ...] = field(default=())
@@ -233,6 +236,13 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
     "nomic_bert": ROTARY_ENCODER,
     "jina_embeddings_v3": replace(ROTARY_ENCODER, heads=(*_ENCODER_HEADS, "ForQuestionAnswering")),
     "eurobert": replace(ROTARY_DECODER, description=_ROTARY_ENCODER_NOTE, heads=_ENCODER_HEADS),
+    "modernbert": replace(
+        ROTARY_ENCODER, self_attention="layers.*.attn", word_embeddings="embeddings.tok_embeddings",
+        keep_sliding_window_layers=True,
+        heads=(*_ENCODER_HEADS, "ForQuestionAnswering", "ForMultipleChoice"),
+        description=_ROTARY_ENCODER_NOTE + "; LSG in the global-attention layers, the sliding-window layers keep "
+        "their own windowed attention (over [globals; tokens], padding masked)",
+    ),  # fmt: skip
 }
 
 

@@ -238,6 +238,8 @@ def _attention_modules(model_type: str, entry: ArchitectureEntry, base: nn.Modul
     """
     seam.register_with_transformers()  # process-wide and idempotent; refuses a foreign "lsg" before any change
     modules = list({id(module): module for _, _, module in find_modules(base, entry.self_attention)}.values())
+    if entry.keep_sliding_window_layers:
+        modules = [module for module in modules if getattr(module, "sliding_window", None) is None]
     for module in modules:
         if not seam.routes_through_interface(module):
             origin = type(module).__module__

@@ -44,6 +44,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "nomic_bert": dict(_BERT_LIKE, pad_token_id=0),
     "jina_embeddings_v3": dict(_BERT_LIKE, pad_token_id=0),
     "eurobert": dict(_DECODER, bos_token_id=1, eos_token_id=2, mask_token_id=3),
+    "modernbert": dict(_BERT_LIKE, num_hidden_layers=3, global_attn_every_n_layers=3, local_attention=16, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2, cls_token_id=1, sep_token_id=2),
 }
 # Head classes transformers has that an entry may leave out, with the reason.
 NOT_PATCHABLE = {"ForCausalLM": "decoder-only head of an encoder-decoder family: it has no encoder to patch"}

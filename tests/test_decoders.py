@@ -1,5 +1,5 @@
 """Stacks that embed their own input: decoder-only LMs (GPT-2, Llama, Mistral, Qwen2, Qwen3; causal LSG over the
-whole prompt, no cache yet) and rotary encoders (GTE, NomicBERT, jina-embeddings-v3, EuroBERT).
+whole prompt, no cache yet) and rotary encoders (GTE, NomicBERT, jina-embeddings-v3, EuroBERT, ModernBERT).
 
 Oracle: the unconverted model itself, given [globals; tokens] as inputs_embeds and a 4-D boolean mask built here
 from the definition of LSG without sparse keys (docs/LSG_SPEC.md section 6). Causal: a global query sees every
@@ -15,6 +15,8 @@ import copy
 import pytest
 import torch
 
+from transformers.masking_utils import create_bidirectional_sliding_window_mask
+
 import lsg_patch
 from tests.test_architectures import build
 
@@ -23,7 +25,7 @@ LSG = dict(block_size=8, sparse_block_size=0, sparsity_type="none", num_global_t
 MAX_LENGTH, LENGTH, PADDED = 128, 48, 30  # 6 whole blocks, no block padding
 
 
-ENCODERS = ["gte", "nomic_bert", "jina_embeddings_v3", "eurobert"]
+ENCODERS = ["gte", "nomic_bert", "jina_embeddings_v3", "eurobert", "modernbert"]
 
 
 def lsg_key_mask(token_mask: torch.Tensor, globals_count: int, block_size: int, causal: bool = True) -> torch.Tensor:
@@ -54,7 +56,12 @@ def oracle_hidden(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch
         kwargs["position_ids"] = torch.cat([torch.zeros(1, g, dtype=torch.long), torch.arange(ids.shape[1])[None]], 1)
     if causal:
         kwargs["use_cache"] = False
-    out = base(inputs_embeds=embeds, attention_mask=lsg_key_mask(mask.bool(), g, LSG["block_size"], causal), **kwargs)
+    lsg_mask = lsg_key_mask(mask.bool(), g, LSG["block_size"], causal)
+    if plain.config.model_type == "modernbert":  # its sliding-window layers keep transformers' windowed attention
+        keys = torch.cat([torch.ones(ids.shape[0], g, dtype=torch.bool), mask.bool()], dim=1)
+        sliding = create_bidirectional_sliding_window_mask(config=base.config, inputs_embeds=embeds, attention_mask=keys)
+        lsg_mask = {"full_attention": lsg_mask, "sliding_attention": sliding}
+    out = base(inputs_embeds=embeds, attention_mask=lsg_mask, **kwargs)
     hidden = out.last_hidden_state
     tokens = hidden[:, g:]
     return tokens if causal else torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)  # pool_with_global

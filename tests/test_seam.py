@@ -27,7 +27,7 @@ ORIGINAL_CLASSES = {  # what each registry type's self-attention modules are in 
     "distilbert": "DistilBertSelfAttention", "bart": "BartAttention", "mbart": "MBartAttention",
     "pegasus": "PegasusAttention", "gpt2": "GPT2Attention", "llama": "LlamaAttention", "mistral": "MistralAttention",
     "qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention", "gte": "GteAttention", "nomic_bert": "NomicBertAttention",
-    "jina_embeddings_v3": "JinaEmbeddingsV3Attention", "eurobert": "EuroBertAttention",
+    "jina_embeddings_v3": "JinaEmbeddingsV3Attention", "eurobert": "EuroBertAttention", "modernbert": "ModernBertAttention",
 }  # fmt: skip
 
 
@@ -42,7 +42,9 @@ def test_self_attention_keeps_its_class_and_parameters_and_runs_lsg(model_type: 
     for (cls, parameters), module in zip(before, after):
         assert type(module) is cls
         assert all(p is parameters[n] for n, p in module.named_parameters())  # the very same tensors
-        assert module.config._attn_implementation == "lsg"
+        kept = entry.keep_sliding_window_layers and getattr(module, "sliding_window", None) is not None
+        assert module.config._attn_implementation == (model.config._attn_implementation if kept else "lsg")
+    assert seam.selected_modules(model)
     assert model.config._attn_implementation != "lsg"  # the model's own config is not switched
 
 
@@ -188,6 +190,8 @@ def test_every_type_really_runs_lsg(model_type: str, head: str, monkeypatch: pyt
     model = build(model_type, head)
     config = model.config
     layers = getattr(config, "encoder_layers", None) or getattr(config, "n_layers", None) or config.num_hidden_layers
+    if lsg_patch.supported_architectures()[model_type].keep_sliding_window_layers:  # LSG in the global layers only
+        layers = config.layer_types.count("full_attention")
     monkeypatch.setattr(seam.interface, "lsg_attention_function", counting)  # registration sees its own function
     lsg_patch.to_lsg(model, max_length=MAX_LENGTH, **LSG)
     with torch.no_grad():

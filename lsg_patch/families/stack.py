@@ -46,7 +46,7 @@ class StackFamily(FamilyAdapter):
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         LengthCheck(max_length).register_pre(base_model)
-        StackInput(lsg, entry.position_kind).register_pre(base_model)
+        StackInput(lsg, entry.position_kind, entry.keep_sliding_window_layers).register_pre(base_model)
         StackOutput(lsg.num_global_tokens, lsg.pool_with_global and not causal).register_post(base_model)
         if entry.has_position_table:
             table = get_submodule(base_model, entry.position_embeddings)
@@ -65,9 +65,10 @@ def _cache_argument(kwargs: dict) -> Any:
 class StackInput(LSGHook):
     """Base-model pre-hook: inputs_embeds = [globals; tokens; padding], positions, and the per-call state."""
 
-    def __init__(self, lsg: "LSGConfig", position_kind: str) -> None:
+    def __init__(self, lsg: "LSGConfig", position_kind: str, keep_sliding_window_layers: bool = False) -> None:
         self.lsg = lsg
         self.position_kind = position_kind
+        self.keep_sliding_window_layers = keep_sliding_window_layers
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         input_ids = get_argument(module, args, kwargs, "input_ids")
@@ -93,8 +94,10 @@ class StackInput(LSGHook):
         globals_ = module.global_embeddings.weight[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         positions = self._positions(get_argument(module, args, kwargs, "position_ids"), length, padding, embeds.device)
         kwargs = {**kwargs, CALL_KEYWORD: build_call(token_mask, length, self.lsg)}
-        changes = {"input_ids": None, "attention_mask": None, "position_ids": positions,
-                   "inputs_embeds": torch.cat([globals_, embeds], dim=1)}
+        embeds = torch.cat([globals_, embeds], dim=1)
+        changes = {"input_ids": None, "attention_mask": None, "position_ids": positions, "inputs_embeds": embeds}
+        if self.keep_sliding_window_layers:
+            changes["attention_mask"] = _layer_type_masks(module.config, embeds, token_mask, count)
         if "use_cache" in accepts:
             changes["use_cache"] = False
         token_types = get_argument(module, args, kwargs, "token_type_ids") if "token_type_ids" in accepts else None
@@ -116,6 +119,17 @@ class StackInput(LSGHook):
         if self.position_kind == "rotary":
             return torch.cat([torch.arange(count, device=device).expand(tokens.shape[0], -1), tokens + count], dim=1)
         return torch.cat([tokens.new_zeros(tokens.shape[0], count), tokens], dim=1)  # global rows: looked up by no one
+
+
+def _layer_type_masks(config: Any, embeds: torch.Tensor, token_mask: torch.Tensor, count: int) -> dict[str, Any]:
+    """What a model with sliding-window and global layers (ModernBERT) takes as `attention_mask`: one mask per
+    layer type. The LSG (global) layers read the call and get none; the sliding-window layers get transformers'
+    own windowed mask over [globals; tokens; padding], padding masked."""
+    from transformers.masking_utils import create_bidirectional_sliding_window_mask  # not in every 5.x release
+
+    keys = F.pad(token_mask, (count, 0), value=True)
+    sliding = create_bidirectional_sliding_window_mask(config=config, inputs_embeds=embeds, attention_mask=keys)
+    return {"full_attention": None, "sliding_attention": sliding}
 
 
 class StackOutput(LSGHook):
