@@ -145,7 +145,9 @@ def test_head_runs_long_padded_batch_with_unchanged_keys(model_type: str, head: 
     assert state.keys() == loaded.keys() and all(torch.equal(state[k], loaded[k]) for k in state)
     with torch.no_grad():
         reloaded = again(**inputs, **no_cache)
-    assert all(torch.equal(batch[k], reloaded[k]) for k in batch if isinstance(batch[k], torch.Tensor))
+    for name, value in batch.items():  # equal up to kernel-level float reordering (bit-equal on the fused CPU path)
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(reloaded[name], value, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("model_type", sorted(lsg_patch.supported_architectures()))
