@@ -258,6 +258,8 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
     "eurobert": replace(_ROTARY_DECODER, description=_ROTARY_ENCODER_NOTE, heads=_ENCODER_HEADS),
     "t5": _T5_LIKE,
     "mt5": _T5_LIKE,
+    "umt5": replace(_T5_LIKE, adapter="lsg_patch.families.t5:UMT5Family", description=_T5_LIKE.description.replace(
+        "the relative position bias", "every layer's relative position bias")),
 }
 
 

@@ -98,6 +98,7 @@ def from_lsg(model: nn.Module) -> nn.Module:
         raise ValueError(f"this {type(model).__name__} is not an LSG model: there is nothing for from_lsg to undo")
     record: PatchRecord | None = getattr(base, "_lsg_patch", None)
     remove_lsg_hooks(base)
+    entry.adapter_instance(model_type).remove(base, entry)
     for module in seam.selected_modules(base):
         seam.deselect(module)
     parent = get_submodule(base, entry.global_embeddings_parent)

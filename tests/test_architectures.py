@@ -48,6 +48,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "eurobert": dict(_DECODER, bos_token_id=1, eos_token_id=2, mask_token_id=3),
     "t5": _T5,
     "mt5": _T5,
+    "umt5": _T5,
 }
 # Head classes transformers has that an entry may leave out, with the reason.
 NOT_PATCHABLE = {"ForCausalLM": "decoder-only head of an encoder-decoder family: it has no encoder to patch"}

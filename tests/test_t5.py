@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoConfig
 from transformers.models.t5.modeling_t5 import T5Attention
+from transformers.models.umt5.modeling_umt5 import UMT5Attention
 
 import lsg_patch
 from lsg_patch.attention import RelativeBias, lsg_attention
@@ -81,24 +82,34 @@ def test_bias_table_gets_the_oracle_gradient(case: Case, bucket_settings: tuple[
 # Model level: sparsity_type "none", where LSG is dense attention over [globals; local keys] with T5's bias
 # between tokens and none for the global rows and columns (section 7c).
 
-MODEL_TYPES = ["t5", "mt5"]
+MODEL_TYPES = ["t5", "mt5", "umt5"]
 LSG = dict(block_size=8, sparse_block_size=0, sparsity_type="none", num_global_tokens=2)
 MAX_LENGTH, LENGTH, PADDED = 128, 48, 30  # 6 whole blocks, no block padding
 
 
 def oracle_encoder(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
                    ) -> torch.Tensor:
-    """The plain encoder's own modules run over [globals; tokens] with a position_bias built here: T5's bias
-    between tokens, 0 on the global rows and columns, plus the LSG key mask."""
+    """The plain encoder's own modules run over [globals; tokens] with a position_bias built here: the model's
+    bias between tokens, 0 on the global rows and columns, plus the LSG key mask. T5 and mT5 share layer 0's
+    bias; UMT5 computes one in every layer, unconditionally, so its compute_bias hands out the built one."""
     encoder, g = plain.get_encoder(), LSG["num_global_tokens"]
     globals_ = lsg_model.get_encoder().global_embeddings.weight[:g].detach()
     hidden = torch.cat([globals_.expand(ids.shape[0], -1, -1), encoder.embed_tokens(ids)], dim=1)
-    token_bias = encoder.block[0].layer[0].SelfAttention.compute_bias(ids.shape[1], ids.shape[1])
-    bias = torch.nn.functional.pad(token_bias, (g, 0, g, 0))
     allowed = lsg_key_mask(mask.bool(), g, LSG["block_size"], causal=False)
-    position_bias = bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
+
+    def built_bias(attention: torch.nn.Module) -> torch.Tensor:
+        bias = torch.nn.functional.pad(attention.compute_bias(ids.shape[1], ids.shape[1]), (g, 0, g, 0))
+        return bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
+
+    shared = built_bias(encoder.block[0].layer[0].SelfAttention)
     for block in encoder.block:
-        hidden = block(hidden, position_bias=position_bias)[0]
+        if plain.config.model_type == "umt5":
+            attention = block.layer[0].SelfAttention
+            attention.compute_bias = partial(lambda bias, *args, **kwargs: bias, built_bias(attention))
+            hidden = block(hidden)
+            del attention.compute_bias
+        else:
+            hidden = block(hidden, position_bias=shared)[0]
     return encoder.final_layer_norm(hidden)
 
 
@@ -142,18 +153,20 @@ def test_encoder_model_drops_the_global_rows(model_type: str) -> None:
     assert (hidden - pooled)[mask.bool()].abs().max().item() < 1e-5
 
 
-def test_encoder_never_builds_a_dense_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("attention_class", [T5Attention, UMT5Attention])
+def test_encoder_never_builds_a_dense_bias(attention_class: type, monkeypatch: pytest.MonkeyPatch) -> None:
     """compute_bias (the (1, heads, n, n) tensor) runs for the decoder only; sparse keys get their bias too."""
-    model = lsg_patch.to_lsg(build("t5", "ForConditionalGeneration"), max_length=MAX_LENGTH, block_size=8,
+    model_type = "t5" if attention_class is T5Attention else "umt5"
+    model = lsg_patch.to_lsg(build(model_type, "ForConditionalGeneration"), max_length=MAX_LENGTH, block_size=8,
                              sparsity_type="pooling", num_global_tokens=2)
     calls = []
-    original = T5Attention.compute_bias
+    original = attention_class.compute_bias
 
-    def recording(self: T5Attention, *args: object, **kwargs: object) -> torch.Tensor:
+    def recording(self: torch.nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
         calls.append(self.is_decoder)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(T5Attention, "compute_bias", recording)
+    monkeypatch.setattr(attention_class, "compute_bias", recording)
     ids, mask = inputs(75)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5], use_cache=False)
@@ -208,3 +221,16 @@ def test_global_tokens_are_seeded_from_eos_and_pad() -> None:
     table, words = model.encoder.global_embeddings.weight, model.shared.weight
     assert torch.equal(table[0], words[model.config.eos_token_id])
     assert torch.equal(table[1:], words[model.config.pad_token_id].expand(table.shape[0] - 1, -1))
+
+
+def test_umt5_from_lsg_gives_back_compute_bias() -> None:
+    plain = build("umt5", "Model")
+    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)
+    attention = model.encoder.block[1].layer[0].SelfAttention
+    assert "compute_bias" in attention.__dict__
+    lsg_patch.from_lsg(model)
+    assert "compute_bias" not in attention.__dict__
+    ids, mask = inputs()
+    with torch.no_grad():
+        kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5])
+        assert torch.equal(model(**kwargs).last_hidden_state, plain(**kwargs).last_hidden_state)
