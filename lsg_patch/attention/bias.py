@@ -28,11 +28,18 @@ class RelativeBias:
     def num_heads(self) -> int:
         return self.table.shape[1]
 
-    def same_for_heads(self, distance: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(heads, *distance.shape): the bias of relative positions shared by every head."""
-        return self.table.to(dtype)[self.bucket(distance)].movedim(-1, 0)
+    def by_distance(self, limit: int, dtype: torch.dtype) -> torch.Tensor:
+        """(2 * limit + 1, heads): the bias of every distance -limit..limit (row limit + d for distance d), so
+        that the bucket function runs once per distance rather than once per score."""
+        distance = torch.arange(-limit, limit + 1, device=self.table.device)
+        return self.table.to(dtype)[self.bucket(distance)]
 
-    def per_head(self, distance: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def same_for_heads(self, distance: torch.Tensor, limit: int, dtype: torch.dtype) -> torch.Tensor:
+        """(heads, *distance.shape): the bias of relative positions shared by every head. Distances beyond
+        +-limit are clamped (callers pass a limit that only masked keys exceed)."""
+        return self.by_distance(limit, dtype)[distance.clamp(-limit, limit) + limit].movedim(-1, 0)
+
+    def per_head(self, distance: torch.Tensor, limit: int, dtype: torch.dtype) -> torch.Tensor:
         """distance (batch, heads, ...) with each head's own relative positions -> its bias, same shape."""
         heads = torch.arange(self.num_heads, device=distance.device).view(1, -1, *[1] * (distance.dim() - 2))
-        return self.table.to(dtype)[self.bucket(distance), heads]
+        return self.by_distance(limit, dtype)[distance.clamp(-limit, limit) + limit, heads]

@@ -103,7 +103,7 @@ def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         attn_mask = pattern if attn_mask is None else attn_mask & pattern
     if bias is not None:  # (heads, G + T, G + T), zero on the global rows and columns
         tokens = torch.arange(length - g, device=key.device)
-        scores = F.pad(bias.same_for_heads(tokens - tokens[:, None], query.dtype), (g, 0, g, 0))
+        scores = F.pad(bias.same_for_heads(tokens - tokens[:, None], length - g, query.dtype), (g, 0, g, 0))
         attn_mask = scores if attn_mask is None else _additive(attn_mask, query.dtype) + scores
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           scale=scale)
@@ -347,7 +347,7 @@ def _local_bias(bias: RelativeBias, block_size: int, width: int, dtype: torch.dt
     token (i-1)*bs + c, so its key - query distance from row r is c - bs - r."""
     rows = torch.arange(block_size, device=bias.table.device)[:, None]
     distance = torch.arange(width, device=bias.table.device) - block_size - rows
-    return bias.same_for_heads(distance, dtype)[None, :, None]
+    return bias.same_for_heads(distance, 2 * block_size, dtype)[None, :, None]
 
 
 def _side_bias(bias: RelativeBias, rows: torch.Tensor, layout: AttentionLayout, blocks: int, dtype: torch.dtype
@@ -356,7 +356,8 @@ def _side_bias(bias: RelativeBias, rows: torch.Tensor, layout: AttentionLayout, 
 
     A side key's position is its token for token sources (position types, norm), and item j's position j * sf for
     computed items (pooling, bos_pooling, lsh); the G global columns in front get 0. Keys that do not exist point
-    at source 0 and are masked, so their bias does not matter.
+    at source 0 and are masked, so their bias does not matter (their distances may exceed the T tokens' and are
+    clamped).
     """
     g, bs = layout.num_global_tokens, layout.block_size
     kind = sparse_kind(layout)
@@ -366,10 +367,11 @@ def _side_bias(bias: RelativeBias, rows: torch.Tensor, layout: AttentionLayout, 
     positions = positions.unflatten(-1, (blocks, -1))
     queries = torch.arange(blocks * bs, device=rows.device).view(blocks, bs)
     distance = positions[..., None, :] - queries[..., None]  # (batch or 1, heads or 1, B, bs, Ks)
+    limit = blocks * bs
     if distance.shape[1] == 1:
-        values = bias.same_for_heads(distance[:, 0], dtype).movedim(0, 1)
+        values = bias.same_for_heads(distance[:, 0], limit, dtype).movedim(0, 1)
     else:
-        values = bias.per_head(distance, dtype)
+        values = bias.per_head(distance, limit, dtype)
     is_global = torch.arange(distance.shape[-1], device=rows.device) < g
     return values.masked_fill(is_global, 0)
 
