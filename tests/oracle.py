@@ -265,7 +265,7 @@ def _lsh_bucket(key: torch.Tensor, plane: torch.Tensor, count: int) -> int:
     key's direction x (k = count // 2 planes; an odd count leaves the last bucket empty); one bucket takes all."""
     if count == 1:
         return 0
-    direction = key / max(key.norm().item(), 1e-12)
+    direction = key.detach() / max(key.norm().item(), 1e-12)  # hashing is not differentiated
     dots = [float(direction @ plane[:, j]) for j in range(count // 2)]
     candidates = dots + [-x for x in dots]
     return candidates.index(max(candidates))

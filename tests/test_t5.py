@@ -51,32 +51,35 @@ buckets = st.sampled_from([4, 8, 32]).flatmap(
 def test_bias_matches_the_oracle(backend: str, kind: str, data: st.DataObject) -> None:
     case: Case = data.draw(cases(types=[kind]))
     num_buckets, max_distance, seed = data.draw(buckets)
+    causal = data.draw(st.booleans())  # T5 encoders are bidirectional; the product takes a bias in both modes
     bias = t5_bias(case.query.shape[1], num_buckets, max_distance, seed)
     with mock.patch.dict(os.environ, {BACKEND_VARIABLE: backend}):
-        got = lsg_attention(case.query, case.key, case.value, case.mask(), case.layout, scale=case.scale, bias=bias)
+        got = lsg_attention(case.query, case.key, case.value, case.mask(), case.layout, scale=case.scale, bias=bias,
+                            causal=causal)
     want = oracle_attention(case.query, case.key, case.value, case.token_mask, case.layout, scale=case.scale,
-                            bias=oracle_bias(bias))
+                            bias=oracle_bias(bias), causal=causal)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("trainable", [True, False])  # False: the fused CPU backward, with the bias in its masks
 @settings(max_examples=10, deadline=None)
 @given(cases(long_only=True), buckets)
-def test_bias_table_gets_the_oracle_gradient(case: Case, bucket_settings: tuple[int, int, int]) -> None:
+def test_gradients_match_the_oracle(trainable: bool, case: Case, bucket_settings: tuple[int, int, int]) -> None:
+    """Gradients of queries, keys, values and (when it trains) the bias table."""
     bias = t5_bias(case.query.shape[1], *bucket_settings)
-    table = bias.table.clone().requires_grad_()
-    got = lsg_attention(case.query, case.key, case.value, case.mask(), case.layout, scale=case.scale,
-                        bias=RelativeBias(table, bias.bucket))
-    weights = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(0))
-    (grad,) = torch.autograd.grad((got * weights).sum(), table)
-    oracle_table = bias.table.clone().requires_grad_()
 
-    def differentiable(head: int, distance: int) -> torch.Tensor:
-        return oracle_table[int(bias.bucket(torch.tensor(distance))), head]
+    def gradients(function, bias_of):  # noqa: ANN001, ANN202
+        table = bias.table.clone().requires_grad_(trainable)
+        inputs = [x.clone().requires_grad_() for x in (case.query, case.key, case.value)]
+        out = function(*inputs, case.mask() if function is lsg_attention else case.token_mask, case.layout,
+                       scale=case.scale, bias=bias_of(table))
+        weights = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(0))
+        return torch.autograd.grad((out * weights).sum(), inputs + [table] * trainable)
 
-    want = oracle_attention(case.query, case.key, case.value, case.token_mask, case.layout, scale=case.scale,
-                            bias=differentiable)
-    (want_grad,) = torch.autograd.grad((want * weights).sum(), oracle_table)
-    torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-6)
+    got = gradients(lsg_attention, lambda table: RelativeBias(table, bias.bucket))
+    want = gradients(oracle_attention, lambda table: lambda head, distance: table[int(bias.bucket(torch.tensor(distance))), head])
+    for name, g, w in zip(("query", "key", "value", "table"), got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 # Model level: sparsity_type "none", where LSG is dense attention over [globals; local keys] with T5's bias
