@@ -77,7 +77,8 @@ def test_gradients_match_the_oracle(trainable: bool, case: Case, bucket_settings
         return torch.autograd.grad((out * weights).sum(), inputs + [table] * trainable)
 
     got = gradients(lsg_attention, lambda table: RelativeBias(table, bias.bucket))
-    want = gradients(oracle_attention, lambda table: lambda head, distance: table[int(bias.bucket(torch.tensor(distance))), head])
+    want = gradients(oracle_attention,
+                     lambda table: lambda head, distance: table[int(bias.bucket(torch.tensor(distance))), head])
     for name, g, w in zip(("query", "key", "value", "table"), got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -140,7 +141,7 @@ def test_encoder_matches_the_dense_oracle_and_the_decoder_is_untouched(model_typ
     assert encoded.shape == (2, g + LENGTH, plain.config.d_model)
     valid = torch.cat([torch.ones(2, g, dtype=torch.bool), mask.bool()], 1)
     assert (encoded - expected)[valid].abs().max().item() < 1e-5
-    assert torch.equal(out.last_hidden_state, decoded.last_hidden_state), "the decoder's output differs from the plain decoder's on the same states"
+    assert torch.equal(out.last_hidden_state, decoded.last_hidden_state), "the decoder differs on the same states"
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

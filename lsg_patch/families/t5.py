@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 
 class T5Family(FamilyAdapter):
+    """T5 and mT5: layer 0 owns the bias table, the stack hands its position_bias on to the other layers."""
+
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         encoder = get_submodule(base_model, entry.encoder)
         decoder = getattr(base_model, "decoder", None)
@@ -45,13 +47,16 @@ class T5Family(FamilyAdapter):
         EncoderInput(BartFamily.token_embeddings, base_model.config.pad_token_id, lsg).register_pre(encoder)
         EncoderOutput(lsg, keep_globals).register_post(encoder)
         for _, _, attention in find_modules(base_model, entry.self_attention):
-            if attention.has_relative_attention_bias and "position_bias" in inspect.signature(attention.forward).parameters:
+            takes_bias = "position_bias" in inspect.signature(attention.forward).parameters  # UMT5's does not
+            if attention.has_relative_attention_bias and takes_bias:
                 RelativeBiasInput().register_pre(attention)
         if keep_globals:
             CrossAttentionMask(lsg.num_global_tokens).register_pre(decoder)
 
 
 class UMT5Family(T5Family):
+    """UMT5: a table in every layer, computed by every layer whatever position_bias it is given."""
+
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         super().install_hooks(base_model, entry, lsg, max_length)
         for _, _, attention in find_modules(base_model, entry.self_attention):
