@@ -47,7 +47,7 @@ class System:
     """One benchmarked attention: how to build it, and whether it is a peer of the LSG targets."""
 
     key: str
-    family: str  # lsg | bert | longformer | bigbird | longt5
+    family: str  # lsg | t5-lsg | t5 | bert | longformer | bigbird | longt5
     options: dict = field(default_factory=dict)
     global_path: bool = False  # every token has a path to the whole sequence (the peers of target 2)
     phases: tuple[str, ...] = PHASES
@@ -75,6 +75,11 @@ SYSTEMS = {
         System("bigbird", "bigbird", dict(block=64, random=3), True, label="BigBird 64 r3"),
         System("longt5-local", "longt5", dict(attention="local"), False, label="LongT5 local"),
         System("longt5-tglobal", "longt5", dict(attention="transient-global"), True, label="LongT5 tglobal"),
+        System("t5-full", "t5", {}, True, label="T5 full (dense bias)"),
+        System("t5-lsg-128-0", "t5-lsg", dict(block_size=128, sparse_block_size=0), True,
+               label="T5 + lsg_patch 128/0"),
+        System("t5-lsg-128-128-norm", "t5-lsg", dict(block_size=128, sparse_block_size=128, sparsity_factor=2,
+                                                     sparsity_type="norm"), True, label="T5 + lsg_patch 128/128 norm"),
     )
 }
 DEFAULT_LSG = "lsg-128-128-norm"
@@ -115,13 +120,23 @@ def build_model(system: System, shape: dict, max_length: int) -> Any:
         config = AutoConfig.for_model("big_bird", attention_type="block_sparse", block_size=opts["block"],
                                       num_random_blocks=opts["random"], max_position_embeddings=max_length, **common)
         return AutoModel.from_config(config)
+    t5_shape = dict(d_model=shape["hidden"], d_ff=shape["ffn"], num_layers=shape["layers"], num_heads=shape["heads"],
+                    d_kv=shape["hidden"] // shape["heads"], vocab_size=VOCAB)
     if system.family == "longt5":
         from transformers import LongT5EncoderModel
 
-        config = AutoConfig.for_model("longt5", d_model=shape["hidden"], d_ff=shape["ffn"], num_layers=shape["layers"],
-                                      num_heads=shape["heads"], d_kv=shape["hidden"] // shape["heads"],
-                                      vocab_size=VOCAB, encoder_attention_type=opts["attention"])
-        return LongT5EncoderModel(config)
+        return LongT5EncoderModel(AutoConfig.for_model("longt5", encoder_attention_type=opts["attention"], **t5_shape))
+    if system.family in ("t5", "t5-lsg"):  # the T5 encoder LongT5 is built on (same shape), as is or converted
+        from transformers import T5EncoderModel
+
+        model = T5EncoderModel(AutoConfig.for_model("t5", **t5_shape))
+        if system.family == "t5":
+            return model
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        import lsg_patch
+
+        return lsg_patch.to_lsg(model, max_length=max_length, **opts)
     raise ValueError(f"unknown family {system.family!r}")
 
 

@@ -71,8 +71,8 @@ def _shape(folder: Path, name: str) -> list[int]:
 
 
 def _position_kind(model_type: Any) -> str | None:
-    """The registry entry's position kind: "learned" (tiled when extended), "sinusoidal" (regenerated), "rotary"
-    or "none" (no table)."""
+    """The registry entry's position kind: "learned" (tiled when extended), "sinusoidal" (regenerated), "rotary",
+    "relative_bias" (T5) or "none" (no table)."""
     from .registry import supported_architectures
 
     entry = supported_architectures().get(model_type)

@@ -14,8 +14,8 @@ from torch import nn
 
 from .families.base import FamilyAdapter
 
-POSITION_KINDS = ("learned", "sinusoidal", "rotary", "none")
-TABLELESS_POSITION_KINDS = ("rotary", "none")
+POSITION_KINDS = ("learned", "sinusoidal", "rotary", "relative_bias", "none")
+TABLELESS_POSITION_KINDS = ("rotary", "relative_bias", "none")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class ArchitectureEntry:
     families whose global init adds token_type[0], as the reference does for BERT, ELECTRA and ALBERT).
     global_embeddings_parent: the module that receives `global_embeddings` (a 512-row nn.Embedding).
     position_kind: how positions work (POSITION_KINDS): "learned" tables are tiled to max_length, "sinusoidal"
-    ones regenerated; "rotary" and "none" have no table to grow. position_embeddings names the table (None
-    for the kinds without one).
+    ones regenerated; "rotary", "relative_bias" (T5's bucketed bias added to the scores) and "none" have no table
+    to grow. position_embeddings names the table (None for the kinds without one).
     position_offset: leading rows of the position table that are not positions (2 for RoBERTa and BART).
     tied_position_tables: other tables that share max_position_embeddings and grow with the main one.
     keep_sliding_window_layers: attention modules with a `sliding_window` keep their own (dense, windowed)
@@ -187,6 +187,21 @@ GPT2_LIKE = ArchitectureEntry(
     "without position",
     heads=("Model", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
 )
+_T5_LIKE = ArchitectureEntry(
+    adapter="lsg_patch.families.t5:T5Family",
+    self_attention="encoder.block.*.layer.0.SelfAttention",
+    position_embeddings=None,
+    word_embeddings="encoder.embed_tokens",
+    embeddings="encoder",
+    global_embeddings_parent="encoder",
+    position_kind="relative_bias",
+    encoder_decoder=True,
+    description="encoder self-attention only (decoder self- and cross-attention unchanged); the relative position "
+    "bias applied inside every LSG key set, never as a dense (n, n) tensor; global tokens without position (no "
+    "bias) passed to the decoder's cross-attention (pass_global_tokens_to_decoder), dropped by EncoderModel",
+    heads=("Model", "ForConditionalGeneration", "EncoderModel", "ForSequenceClassification", "ForTokenClassification",
+           "ForQuestionAnswering"),
+)
 _REGISTRY: dict[str, ArchitectureEntry] = {
     "bert": bert_like_entry(0, True, "encoder self-attention (LMHeadModel, is_decoder=True: causal, no key/value cache); "
                        "learned positions tiled", _BERT_CLASS_HEADS),
@@ -243,6 +258,10 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
         description=_ROTARY_ENCODER_NOTE + "; LSG in the global-attention layers, the sliding-window layers keep "
         "their own windowed attention (over [globals; tokens], padding masked)",
     ),  # fmt: skip
+    "t5": _T5_LIKE,
+    "mt5": _T5_LIKE,
+    "umt5": replace(_T5_LIKE, adapter="lsg_patch.families.t5:UMT5Family", description=_T5_LIKE.description.replace(
+        "the relative position bias", "every layer's relative position bias")),
 }
 
 

@@ -22,14 +22,14 @@ from .hooks import has_lsg_hooks, remove_lsg_hooks
 from .positions import replace_embedding_weight, resize_index_buffers, sinusoidal_table, tiled_table
 from .registry import ArchitectureEntry, entry_for
 from .registry_paths import find_modules, get_submodule
-from .token_ids import check_token_ids, resolve_seed_tokens
+from .token_ids import SeedTokens, check_token_ids, resolve_seed_tokens
 
 logger = logging.getLogger("lsg_patch")
 
 GLOBAL_EMBEDDINGS = "global_embeddings"
 # Written into model.config so that a checkpoint loaded without lsg_patch says what it needs.
 LOAD_NOTE_KEY = "lsg_patch_note"
-# The longest input of an LSG model whose positions have no table (rotary, none), kept in model.config.
+# The longest input of an LSG model whose positions have no table (rotary, relative_bias, none), kept in model.config.
 MAX_LENGTH_KEY = "lsg_max_length"
 LOAD_NOTE = (
     "LSG model saved by lsg_patch: load it inside `with lsg_patch.enabled():` or with lsg_patch.from_pretrained(path); "
@@ -98,6 +98,7 @@ def from_lsg(model: nn.Module) -> nn.Module:
         raise ValueError(f"this {type(model).__name__} is not an LSG model: there is nothing for from_lsg to undo")
     record: PatchRecord | None = getattr(base, "_lsg_patch", None)
     remove_lsg_hooks(base)
+    entry.adapter_instance(model_type).remove(base, entry)
     for module in seam.selected_modules(base):
         seam.deselect(module)
     parent = get_submodule(base, entry.global_embeddings_parent)
@@ -165,7 +166,8 @@ def _plan(
         max_length=max_length,
         original_position_rows=previous.original_position_rows if previous else rows,
         original_max_position_embeddings=(
-            previous.original_max_position_embeddings if previous else model.config.max_position_embeddings
+            previous.original_max_position_embeddings if previous
+            else getattr(model.config, "max_position_embeddings", None)  # T5 configs have none
         ),
     )
     return _Plan(base, entry, adapter, lsg, max_length, position_weights, global_table, attention, record)
@@ -295,6 +297,12 @@ def _initial_global_embeddings(
     check_positional_stride(stride, positions.shape[0])
     words = get_submodule(base, entry.word_embeddings).weight
     seeds = resolve_seed_tokens(model, tokenizer, bos_token_id, mask_token_id)
+    if entry.position_kind == "relative_bias" and seeds.bos_token_id is None and seeds.mask_token_id is None:
+        # T5 has no bos, cls or mask token, and no position vectors to seed from: without these, every global
+        # token would start as a zero vector
+        config = model.config
+        seeds = SeedTokens(config.eos_token_id, config.pad_token_id,
+                           f"the config's eos (row 0) and pad (other rows) ids, as {seeds.source} gave none")
     check_token_ids(seeds, words.shape[0])
     token_type = get_submodule(base, entry.token_type_embeddings).weight[0] if entry.token_type_embeddings else None
     init = GlobalInit(seeds.bos_token_id, seeds.mask_token_id, stride, random_global_init, seed)

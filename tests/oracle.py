@@ -21,6 +21,7 @@ those keys count twice in the softmax); keys outside the sequence are left out, 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -42,11 +43,14 @@ def attended_keys(layout: AttentionLayout, num_tokens: int, *, head: int = 0, ca
 
 def oracle_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, token_mask: torch.Tensor,
                      layout: AttentionLayout, *, causal: bool = False, scale: float | None = None,
-                     lsh_seed: int = 0, lsh_planes: list[torch.Tensor] | None = None) -> torch.Tensor:
+                     lsh_seed: int = 0, lsh_planes: list[torch.Tensor] | None = None,
+                     bias: Callable[[int, int], float | torch.Tensor] | None = None) -> torch.Tensor:
     """Float64 LSG attention of (batch, heads, G + T, d) tensors; token_mask (batch, T) bool, True = valid.
 
     lsh hashes with `lsh_planes` (one (heads, 1, d, k) tensor per round) or, if None, with the planes the
-    product draws for `lsh_seed`.
+    product draws for `lsh_seed`. bias(head, key position - query position) is added to every score between a
+    token query and a non-global key (LSG_SPEC section 7c): a key's position is its token, a norm item's the
+    token it picked, any other computed item j's j * sparsity_factor.
     """
     query, key, value = query.double(), key.double(), value.double()
     n, h, length, d = query.shape
@@ -65,9 +69,14 @@ def oracle_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             keys = torch.cat([key[b, head], items[0]])
             values = torch.cat([value[b, head], items[1]])
             allowed = [True] * g + valid + items[2]
+            positions = [None] * g + list(range(length - g)) + items[3]  # None: a global, no position
             for row, row_keys in enumerate(rows):
                 sources = [_source(layout, length - g, k) for k in row_keys]
                 scores = keys[sources] @ query[b, head, row] * scale
+                if bias is not None and row >= g:
+                    scores = scores + torch.stack([  # stacked, not copied: a tensor bias stays differentiable
+                        torch.as_tensor(0.0 if positions[s] is None else bias(head, positions[s] - (row - g)),
+                                        dtype=scores.dtype) for s in sources])
                 scores = scores.masked_fill(~torch.tensor([allowed[s] for s in sources]), -math.inf)
                 out[b, head, row] = scores.softmax(-1) @ values[sources]
     return out
@@ -185,19 +194,21 @@ def _source(layout: AttentionLayout, t: int, key: Key) -> int:
 
 def _sparse_items(q_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: list[bool],
                   layout: AttentionLayout, scale: float, lsh_planes: list[torch.Tensor] | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Sparse items of one (batch row, head) for the pooled/chosen selections: keys, values, valid flags.
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[bool], list[int]]:
+    """Sparse items of one (batch row, head) for the pooled/chosen selections: keys, values, valid flags and
+    positions (norm: the picked token; the others: item j at j * sparsity_factor).
 
     Empty on the full-attention path (at most 2 blocks). lsh_planes: this head's (d, k) planes, one per round.
     """
     kind, sf = selection(layout), layout.sparsity_factor
     empty = keys[:0]
     if kind in {"none", "raw", "stride", "block_stride"} or len(valid) <= 2 * layout.block_size:
-        return empty, empty, []
+        return empty, empty, [], []
     if kind == "lsh":
         assert lsh_planes is not None
-        return _lsh_items(keys, values, valid, layout, lsh_planes)
-    item_keys, item_values, item_valid = [], [], []
+        lsh_keys, lsh_values, lsh_valid = _lsh_items(keys, values, valid, layout, lsh_planes)
+        return lsh_keys, lsh_values, lsh_valid, [j * sf for j in range(len(lsh_valid))]
+    item_keys, item_values, item_valid, item_positions = [], [], [], []
     if kind == "norm":
         c = norm_chunk(layout)
         for start in range(0, len(valid), c):
@@ -207,6 +218,7 @@ def _sparse_items(q_first: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             item_keys += [keys[start + i] for i in chosen]
             item_values += [values[start + i] for i in chosen]
             item_valid += [valid[start + i] for i in chosen]
+            item_positions += [start + i for i in chosen]
     else:
         for start in range(0, len(valid), sf):
             members = range(start, start + sf)
@@ -214,7 +226,8 @@ def _sparse_items(q_first: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             item_keys.append(sum(w * keys[i] for w, i in zip(weights, members)))
             item_values.append(sum(w * values[i] for w, i in zip(weights, members)))
             item_valid.append(any(valid[i] for i in members))
-    return torch.stack(item_keys), torch.stack(item_values), item_valid
+            item_positions.append(start)
+    return torch.stack(item_keys), torch.stack(item_values), item_valid, item_positions
 
 
 def _lsh_items(keys: torch.Tensor, values: torch.Tensor, valid: list[bool], layout: AttentionLayout,
@@ -252,7 +265,7 @@ def _lsh_bucket(key: torch.Tensor, plane: torch.Tensor, count: int) -> int:
     key's direction x (k = count // 2 planes; an odd count leaves the last bucket empty); one bucket takes all."""
     if count == 1:
         return 0
-    direction = key / max(key.norm().item(), 1e-12)
+    direction = key.detach() / max(key.norm().item(), 1e-12)  # hashing is not differentiated
     dots = [float(direction @ plane[:, j]) for j in range(count // 2)]
     candidates = dots + [-x for x in dots]
     return candidates.index(max(candidates))

@@ -23,6 +23,8 @@ _COMMON = dict(vocab_size=99, max_position_embeddings=64)
 _BERT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, initializer_range=0.2)
 _SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
                 encoder_ffn_dim=64, decoder_ffn_dim=64, init_std=0.2, scale_embedding=True)  # fmt: skip
+_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+           relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)
 _DECODER = dict(_BERT_LIKE, num_key_value_heads=2, pad_token_id=0)  # grouped-query: 2 key heads for 4 query heads
 TINY_CONFIGS: dict[str, dict] = {
     "bert": _BERT_LIKE,
@@ -46,6 +48,9 @@ TINY_CONFIGS: dict[str, dict] = {
     "eurobert": dict(_DECODER, bos_token_id=1, eos_token_id=2, mask_token_id=3),
     "modernbert": dict(_BERT_LIKE, num_hidden_layers=3, global_attn_every_n_layers=3, local_attention=16, pad_token_id=0, bos_token_id=1,
                        eos_token_id=2, cls_token_id=1, sep_token_id=2),
+    "t5": _T5,
+    "mt5": _T5,
+    "umt5": _T5,
 }
 # Head classes transformers has that an entry may leave out, with the reason.
 NOT_PATCHABLE = {"ForCausalLM": "decoder-only head of an encoder-decoder family: it has no encoder to patch"}
@@ -175,7 +180,7 @@ def test_entry_lists_every_head_class_transformers_has(model_type: str) -> None:
     prefix = MODEL_MAPPING_NAMES[model_type][: -len("Model")]
     available = {
         name[len(prefix):] for name in dir(transformers)
-        if name.startswith(prefix) and (name[len(prefix):].startswith("For") or name[len(prefix):] in ("Model", "LMHeadModel"))
+        if name.startswith(prefix) and (name[len(prefix):].startswith("For") or name[len(prefix):] in ("Model", "LMHeadModel", "EncoderModel"))
     }  # fmt: skip
     heads = set(lsg_patch.supported_architectures()[model_type].heads)
     assert heads <= available, f"{model_type}: heads transformers does not have: {heads - available}"

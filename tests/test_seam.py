@@ -28,6 +28,7 @@ ORIGINAL_CLASSES = {  # what each registry type's self-attention modules are in 
     "pegasus": "PegasusAttention", "gpt2": "GPT2Attention", "llama": "LlamaAttention", "mistral": "MistralAttention",
     "qwen2": "Qwen2Attention", "qwen3": "Qwen3Attention", "gte": "GteAttention", "nomic_bert": "NomicBertAttention",
     "jina_embeddings_v3": "JinaEmbeddingsV3Attention", "eurobert": "EuroBertAttention", "modernbert": "ModernBertAttention",
+    "t5": "T5Attention", "mt5": "MT5Attention", "umt5": "UMT5Attention",
 }  # fmt: skip
 
 
@@ -48,7 +49,7 @@ def test_self_attention_keeps_its_class_and_parameters_and_runs_lsg(model_type: 
     assert model.config._attn_implementation != "lsg"  # the model's own config is not switched
 
 
-@pytest.mark.parametrize("model_type", ["bart", "mbart", "pegasus"])
+@pytest.mark.parametrize("model_type", ["bart", "mbart", "pegasus", "t5", "umt5"])
 def test_decoder_keeps_its_implementation_and_outputs(model_type: str) -> None:
     plain = build(model_type, "Model")
     model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)

@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .backends import backend_for
+from .bias import RelativeBias
 from .layout import AttentionLayout
 from .masks import LSGMask, local_columns
 from .sparse import ITEM_KINDS, norm_positions, sparse_items, sparse_kind
@@ -41,7 +42,7 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
                   layout: AttentionLayout, *, dropout_p: float = 0.0, causal: bool = False,
-                  scale: float | None = None, lsh_seed: int = 0) -> torch.Tensor:
+                  scale: float | None = None, lsh_seed: int = 0, bias: RelativeBias | None = None) -> torch.Tensor:
     """LSG attention of (batch, heads, G + T, d) queries/keys/values, globals first; same shape out.
 
     Inputs of at most 2 blocks take plain attention over all G + T keys. Otherwise global queries attend to all
@@ -52,6 +53,10 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     causal=True (BERT-like decoders): global queries attend to the global keys only; a token query at position
     p attends to the globals, the sparse "before" window (items whose tokens precede its local window) and
     the tokens at positions <= p within its local window (on the full-attention path: all tokens <= p).
+
+    bias: a relative position bias added to every token-to-token score of every key set, from the positions of
+    the keys (docs/LSG_SPEC.md section 7c); global queries and global keys get none. While its table takes a
+    gradient, the portable path runs on the CPU too (the fused backward has no bias gradient).
     """
     g, t = layout.num_global_tokens, mask.num_tokens
     if query.shape[-2] != g + t:
@@ -59,7 +64,7 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     full_mask = mask.full if mask.any_masked else None
     if mask.index is None:
-        return _full_attention(query, key, value, full_mask, g, causal, dropout_p, scale)
+        return _full_attention(query, key, value, full_mask, g, causal, dropout_p, scale, bias)
     n, h = query.shape[:2]
     backend = backend_for(query.device)
     side_keys, side_values, rows, side_mask = _side_sources(query, key, value, mask, layout, causal, scale, lsh_seed)
@@ -67,10 +72,15 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     local_mask = mask.local[:, None, :, None, :width]
     if causal:
         local_mask = local_mask & _causal_pattern(layout.block_size, width, query.device)
-    plan = _Plan(g, layout.block_size, width, scale, rows, _folded(_additive(local_mask, query.dtype), n, h),
-                 _folded(_additive(side_mask, query.dtype), n, h),
+    local_scores, side_scores = _additive(local_mask, query.dtype), _additive(side_mask, query.dtype)
+    if bias is not None:
+        local_scores = local_scores + _local_bias(bias, layout.block_size, width, query.dtype)
+        side_scores = side_scores + _side_bias(bias, rows, layout, mask.num_tokens // layout.block_size,
+                                                 query.dtype)
+    plan = _Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, h), _folded(side_scores, n, h),
                  None if causal or full_mask is None else _additive(full_mask, query.dtype), causal)
-    if dropout_p == 0 and backend == "cpu_fused":
+    bias_gradient = bias is not None and bias.table.requires_grad and torch.is_grad_enabled()
+    if dropout_p == 0 and backend == "cpu_fused" and not bias_gradient:
         return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
     if dropout_p > 0 and query.device.type == "cpu" and torch.is_grad_enabled():
         # SDPA with dropout keeps every block's probabilities and dropout mask for the backward (about 3x the
@@ -82,14 +92,19 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
 
 
 def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-                    g: int, causal: bool, dropout_p: float, scale: float) -> torch.Tensor:
+                    g: int, causal: bool, dropout_p: float, scale: float, bias: RelativeBias | None
+                    ) -> torch.Tensor:
     """Plain attention over all G + T keys (short inputs); attn_mask None = nothing masked."""
+    length = key.shape[-2]
     if causal:
-        length = key.shape[-2]
         rows = torch.arange(length, device=key.device)[:, None]
         cols = torch.arange(length, device=key.device)
         pattern = (cols < g) | ((rows >= g) & (cols <= rows))
         attn_mask = pattern if attn_mask is None else attn_mask & pattern
+    if bias is not None:  # (heads, G + T, G + T), zero on the global rows and columns
+        tokens = torch.arange(length - g, device=key.device)
+        scores = F.pad(bias.same_for_heads(tokens - tokens[:, None], length - g, query.dtype), (g, 0, g, 0))
+        attn_mask = scores if attn_mask is None else _additive(attn_mask, query.dtype) + scores
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                           scale=scale)
 
@@ -325,6 +340,40 @@ def _portable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
         query[:, :, g:].reshape(n * h, blocks, bs, d), keys_, values_,
         attn_mask=_cat_masks(plan.local_mask, plan.side_mask), dropout_p=dropout_p, scale=plan.scale)
     return torch.cat([global_rows, token_rows.reshape(n, h, -1, d)], dim=2)
+
+
+def _local_bias(bias: RelativeBias, block_size: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(1, heads, 1, bs, width) bias of the local window, the same for every block: window column c of block i is
+    token (i-1)*bs + c, so its key - query distance from row r is c - bs - r."""
+    rows = torch.arange(block_size, device=bias.table.device)[:, None]
+    distance = torch.arange(width, device=bias.table.device) - block_size - rows
+    return bias.same_for_heads(distance, 2 * block_size, dtype)[None, :, None]
+
+
+def _side_bias(bias: RelativeBias, rows: torch.Tensor, layout: AttentionLayout, blocks: int, dtype: torch.dtype
+               ) -> torch.Tensor:
+    """(batch or 1, heads, B, bs, Ks) bias of the side keys from their source rows (see `_side_sources`).
+
+    A side key's position is its token for token sources (position types, norm), and item j's position j * sf for
+    computed items (pooling, bos_pooling, lsh); the G global columns in front get 0. Keys that do not exist point
+    at source 0 and are masked, so their bias does not matter (their distances may exceed the T tokens' and are
+    clamped).
+    """
+    g, bs = layout.num_global_tokens, layout.block_size
+    kind = sparse_kind(layout)
+    positions = rows - g
+    if kind in ITEM_KINDS and kind != "norm":  # rows address [globals; items]
+        positions = positions * layout.sparsity_factor
+    positions = positions.unflatten(-1, (blocks, -1))
+    queries = torch.arange(blocks * bs, device=rows.device).view(blocks, bs)
+    distance = positions[..., None, :] - queries[..., None]  # (batch or 1, heads or 1, B, bs, Ks)
+    limit = blocks * bs
+    if distance.shape[1] == 1:
+        values = bias.same_for_heads(distance[:, 0], limit, dtype).movedim(0, 1)
+    else:
+        values = bias.per_head(distance, limit, dtype)
+    is_global = torch.arange(distance.shape[-1], device=rows.device) < g
+    return values.masked_fill(is_global, 0)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -43,7 +43,7 @@ class BartFamily(FamilyAdapter):
         encoder = get_submodule(base_model, entry.encoder)
         LengthCheck(max_length).register_pre(encoder)
         EncoderInput(self.token_embeddings, base_model.config.pad_token_id, lsg).register_pre(encoder)
-        EncoderOutput(lsg).register_post(encoder)
+        EncoderOutput(lsg, lsg.pass_global_tokens_to_decoder).register_post(encoder)
         positions = get_submodule(base_model, entry.position_embeddings)
         TokenPositionsOnly(lsg.num_global_tokens).register_pre(positions)
         NoPositionForGlobals(lsg.num_global_tokens).register_post(positions)
@@ -103,16 +103,18 @@ class EncoderInput(LSGHook):
 
 
 class EncoderOutput(LSGHook):
-    """Encoder post-hook: drop the block padding, and the globals too unless they go to the decoder."""
+    """Encoder post-hook: drop the block padding, and the globals too unless they go to the decoder
+    (keep_globals)."""
 
-    def __init__(self, lsg: "LSGConfig") -> None:
+    def __init__(self, lsg: "LSGConfig", keep_globals: bool) -> None:
         self.lsg = lsg
+        self.keep_globals = keep_globals
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         length = kwargs[CALL_KEYWORD].num_tokens
         hidden = output[0]
         count = self.lsg.num_global_tokens
-        if self.lsg.pass_global_tokens_to_decoder:
+        if self.keep_globals:
             kept = hidden[:, : count + length]
         else:
             kept = hidden[:, count : count + length]

@@ -26,6 +26,10 @@ class FamilyAdapter(ABC):
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         """Register the hooks that prepend global tokens, pad to blocks, build the mask and trim outputs."""
 
+    def remove(self, base_model: nn.Module, entry: "ArchitectureEntry") -> None:
+        """Undo what install_hooks changed besides its LSGHooks (which `remove_lsg_hooks` finds); most families
+        change nothing else."""
+
 
 def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.device) -> torch.Tensor:
     """The (batch, length) bool key mask, True = may be attended, from any mask transformers builds.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention import lsg_attention
+from ..attention import RelativeBias, lsg_attention
 from .call import CALL_KEYWORD, LSGCall
 
 ATTENTION_NAME = "lsg"
@@ -30,7 +30,9 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """LSG attention of one converted module; (batch, n, heads, d) out and no attention weights.
 
-    Keys with fewer heads than the queries (grouped-query attention) are repeated to the query heads.
+    Keys with fewer heads than the queries (grouped-query attention) are repeated to the query heads. A
+    `position_bias` keyword (T5) must be a RelativeBias, applied inside every key set: a dense (n, n) bias
+    cannot be, and would cost the memory LSG saves.
     """
     call = kwargs.get(CALL_KEYWORD)
     if not isinstance(call, LSGCall):
@@ -47,9 +49,16 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
     if key.shape[1] != query.shape[1]:
         repeats = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+    bias = kwargs.get("position_bias")
+    if bias is not None and not isinstance(bias, RelativeBias):
+        raise ValueError(
+            f"{type(module).__name__} passed a dense position_bias of shape {tuple(getattr(bias, 'shape', ()))} to LSG "
+            "attention, which applies relative position biases inside its key sets from a RelativeBias (the family "
+            "hooks pass one to the layer that owns the bias table): call the whole model or its encoder"
+        )
     output = lsg_attention(
         query, key, value, call.mask, call.layout, dropout_p=dropout, causal=bool(getattr(module, "is_causal", False)),
-        scale=scaling, lsh_seed=module.config.lsh_seed,
+        scale=scaling, lsh_seed=module.config.lsh_seed, bias=bias,
     )  # fmt: skip
     return output.transpose(1, 2), None
 
