@@ -7,12 +7,13 @@ from .config import LSGConfig
 from .context import enabled
 from .persistence import from_pretrained
 from .pattern import attention_pattern, plot_pattern
-from .registry import ArchitectureEntry, register, supported_architectures, unregister
+from .registry import ArchitectureEntry, architecture_support, register, supported_architectures, unregister
 from .swap import from_lsg
 
 __all__ = [
     "ArchitectureEntry",
     "LSGConfig",
+    "architecture_support",
     "attention_pattern",
     "enabled",
     "from_lsg",

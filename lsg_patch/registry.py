@@ -305,8 +305,16 @@ def unregister(model_type: str) -> None:
 
 
 def supported_architectures() -> dict[str, ArchitectureEntry]:
-    """A copy of the registry: model_type -> entry."""
+    """A copy of the registry: model_type -> entry. Types it does not name may still be inferred from a loaded
+    model's modules: `architecture_support(model)` says which applies."""
     return dict(_REGISTRY)
+
+
+def architecture_support(model: Any) -> str:
+    """How lsg_patch would convert `model`: "registered", or "inferred: <layout>" for an unregistered type whose
+    layout was recognised; a ValueError says why it cannot (refused type, unknown layout, foreign attention)."""
+    model_type, entry = entry_for(model)
+    return "registered" if model_type in _REGISTRY else entry.description
 
 
 def entry_for(model: Any) -> tuple[str, ArchitectureEntry]:

@@ -76,3 +76,11 @@ def test_foreign_attention_in_a_known_layout_is_refused_before_any_change(model_
     with pytest.raises(ValueError, match="RemoteCodeSelfAttention.*(remote code|does not call)"):
         lsg_patch.to_lsg(model, max_length=MAX_LENGTH)
     assert model.state_dict().keys() == state.keys() and not lsg_patch.is_lsg_model(model)
+
+
+def test_architecture_support_tells_registered_from_inferred() -> None:
+    assert lsg_patch.architecture_support(tiny("bert")) == "registered"
+    assert lsg_patch.architecture_support(tiny("ernie")).startswith("inferred: BERT-like encoder")
+    assert lsg_patch.architecture_support(tiny("gemma")).startswith("inferred: Llama-like rotary stack")
+    with pytest.raises(ValueError, match="could not be inferred"):
+        lsg_patch.architecture_support(tiny("opt", ffn_dim=64, word_embed_proj_dim=32))
