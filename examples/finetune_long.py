@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import sys
 import time
@@ -32,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmark pa
 
 from benchmarks.quality import encoders as E  # noqa: E402
 from benchmarks.quality.corpus import Document, build_documents, machine_sources, token_offsets  # noqa: E402
-from benchmarks.quality.report import (PAST_512, Scored, difference_table, differences, machine,  # noqa: E402
-                                       summary)
+from benchmarks.quality.report import Scored, differences, machine, summary  # noqa: E402
 from benchmarks.quality.run import (OUT, chunk_methods, held_out_documents,  # noqa: E402
                                     whole_document_method, write_report)
 
@@ -187,11 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
               + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in training.items())
               + f". Command: `{command}`. Machine: {machine()}. Total {time.perf_counter() - start:.0f} s.")
     report = {"header": header, "training": training, "summary": summary_, "differences": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    write_report(args.out, summary_, rows, header, "Held-out quality after fine-tuning, by evidence depth")
-    print(header)
-    print(difference_table(rows, "recall@1", (PAST_512, "all")))
+    write_report(args.out, report, "Held-out quality after fine-tuning, by evidence depth")
     return report
 
 

@@ -53,8 +53,13 @@ def reference_pairs(results: dict[str, Scored]) -> list[tuple[str, str]]:
             + [(n, "lsg-norm") for n in lsg if n != "lsg-norm"])
 
 
-def write_report(out: Path, summary_: dict, rows: list[dict], header: str, title: str) -> None:
+def write_report(out: Path, report: dict, title: str) -> None:
+    """results.json (the whole report), results.md (its tables), the plot; the header and the headline
+    differences printed. report holds "header", "summary" and "differences" (shared by the zero-shot benchmark and
+    examples/finetune_long.py)."""
+    header, summary_, rows = report["header"], report["summary"], report["differences"]
     out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
     text = [header, "", "### Retrieval recall@1 by passage depth", "", metric_table(summary_, "recall@1"),
             "", "### Retrieval MRR by passage depth", "", metric_table(summary_, "mrr"),
             "", "### Classification accuracy by depth of part B", "", metric_table(summary_, "accuracy"),
@@ -63,6 +68,8 @@ def write_report(out: Path, summary_: dict, rows: list[dict], header: str, title
             "", "### Paired differences, classification accuracy", "", difference_table(rows, "accuracy"), ""]
     (out / "results.md").write_text("\n".join(text))
     plot(summary_, out / "quality_by_depth.png", title)
+    print(header)
+    print(difference_table(rows, "recall@1", (PAST_512, "all")))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,11 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"Machine: {machine()}. Total {time.perf_counter() - start:.0f} s.")
     report = {"header": header, "documents": [d.name for d in documents], "summary": summary_,
               "differences": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=1))
-    write_report(args.out, summary_, rows, header, "Zero-shot quality by evidence depth")
-    print(header)
-    print(difference_table(rows, "recall@1", (PAST_512, "all")))
+    write_report(args.out, report, "Zero-shot quality by evidence depth")
     return report
 
 
