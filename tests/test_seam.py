@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, create_bidirectional_mask

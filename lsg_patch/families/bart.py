@@ -23,8 +23,8 @@ from torch import nn
 from ..hooks import LSGHook
 from ..registry_paths import get_submodule
 from ..seam import CALL_KEYWORD
-from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, TokenPositionsOnly, block_padding, build_call,
-                   get_argument, set_argument, token_mask_from)
+from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
+                   build_call, get_argument, set_argument, token_mask_from, with_global_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -43,7 +43,7 @@ class BartFamily(FamilyAdapter):
         encoder = get_submodule(base_model, entry.encoder)
         LengthCheck(max_length).register_pre(encoder)
         EncoderInput(self.token_embeddings, base_model.config.pad_token_id, lsg).register_pre(encoder)
-        EncoderOutput(lsg, lsg.pass_global_tokens_to_decoder).register_post(encoder)
+        OutputTrim(lsg.num_global_tokens, lsg.pool_with_global, lsg.pass_global_tokens_to_decoder).register_post(encoder)
         positions = get_submodule(base_model, entry.position_embeddings)
         TokenPositionsOnly(lsg.num_global_tokens).register_pre(positions)
         NoPositionForGlobals(lsg.num_global_tokens).register_post(positions)
@@ -86,12 +86,11 @@ class EncoderInput(LSGHook):
             embeds = torch.cat([embeds, embeds.new_zeros(batch, padding, embeds.shape[-1])], dim=1)
         if padding:
             token_mask = torch.cat([token_mask, token_mask.new_zeros(batch, padding)], dim=1)
-        count = self.lsg.num_global_tokens
-        globals_ = module.global_embeddings.weight[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         kwargs = {**kwargs, CALL_KEYWORD: build_call(token_mask, length, self.lsg)}
         args, kwargs = set_argument(module, args, kwargs, "input_ids", None)
         args, kwargs = set_argument(module, args, kwargs, "attention_mask", None)
-        return set_argument(module, args, kwargs, "inputs_embeds", torch.cat([globals_, embeds], dim=1))
+        embeds = with_global_rows(module.global_embeddings, embeds, self.lsg.num_global_tokens)
+        return set_argument(module, args, kwargs, "inputs_embeds", embeds)
 
     def _pad_id(self, length: int) -> int:
         if self.pad_token_id is None:
@@ -100,30 +99,6 @@ class EncoderInput(LSGHook):
                 "but the model config has no pad_token_id; set model.config.pad_token_id or pad the input yourself"
             )
         return self.pad_token_id
-
-
-class EncoderOutput(LSGHook):
-    """Encoder post-hook: drop the block padding, and the globals too unless they go to the decoder
-    (keep_globals)."""
-
-    def __init__(self, lsg: "LSGConfig", keep_globals: bool) -> None:
-        self.lsg = lsg
-        self.keep_globals = keep_globals
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        length = kwargs[CALL_KEYWORD].num_tokens
-        hidden = output[0]
-        count = self.lsg.num_global_tokens
-        if self.keep_globals:
-            kept = hidden[:, : count + length]
-        else:
-            kept = hidden[:, count : count + length]
-            if self.lsg.pool_with_global:
-                kept = torch.cat([hidden[:, :1], kept[:, 1:]], dim=1)
-        if isinstance(output, tuple):  # return_dict=False
-            return (kept, *output[1:])
-        output.last_hidden_state = kept
-        return output
 
 
 class CrossAttentionMask(LSGHook):

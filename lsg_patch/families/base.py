@@ -11,7 +11,7 @@ from torch import nn
 
 from ..attention import prepare_mask
 from ..hooks import LSGHook
-from ..seam import LSGCall
+from ..seam import CALL_KEYWORD, LSGCall
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -162,3 +162,43 @@ class NoPositionForGlobals(LSGHook):
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         zeros = output.new_zeros(*output.shape[:-2], self.num_global_tokens, output.shape[-1])
         return torch.cat([zeros, output], dim=-2)
+
+
+NO_CACHE = "LSG attention keeps no key/value cache yet: call the model (and generate) with use_cache=False"
+
+
+def cache_argument(kwargs: dict) -> Any:
+    """The cache keyword of a model call, named `cache` from transformers 5.24 on and `past_key_values` before."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def with_global_rows(table: nn.Embedding, embeds: torch.Tensor, count: int) -> torch.Tensor:
+    """[the first `count` rows of the global table; embeds] for every batch row, in the embeddings' dtype."""
+    rows = table.weight[:count].to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+    return torch.cat([rows, embeds], dim=1)
+
+
+class OutputTrim(LSGHook):
+    """Post-hook of the module that received [globals; tokens; block padding]: one output row per input token,
+    with global token 0's row first under pool_with_global (docs/LSG_SPEC.md section 7b), or with the G global
+    rows kept in front for a decoder's cross-attention (keep_globals)."""
+
+    def __init__(self, num_global_tokens: int, pool_with_global: bool, keep_globals: bool = False) -> None:
+        self.num_global_tokens = num_global_tokens
+        self.pool_with_global = pool_with_global
+        self.keep_globals = keep_globals
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        length = kwargs[CALL_KEYWORD].num_tokens
+        hidden = output[0]
+        count = self.num_global_tokens
+        if self.keep_globals:
+            kept = hidden[:, : count + length]
+        else:
+            kept = hidden[:, count : count + length]
+            if self.pool_with_global:
+                kept = torch.cat([hidden[:, :1], kept[:, 1:]], dim=1)
+        if isinstance(output, tuple):  # return_dict=False
+            return (kept, *output[1:])
+        output.last_hidden_state = kept
+        return output

@@ -6,7 +6,7 @@ vectors (docs/LSG_SPEC.md sections 4, 5 and 7b).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,8 @@ from torch import nn
 from ..hooks import LSGHook
 from ..registry_paths import get_submodule
 from ..seam import CALL_KEYWORD
-from .base import FamilyAdapter, LengthCheck, block_padding, build_call, token_mask_from
+from .base import (NO_CACHE, FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, cache_argument,
+                   token_mask_from)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -32,7 +33,7 @@ class BertFamily(FamilyAdapter):
             get_submodule(base_model, entry.embeddings), getattr(base_model, "embeddings_project", None)
         )
         BertEncoderInput(global_rows, lsg).register_pre(encoder)
-        EncoderOutputTrim(lsg).register_post(encoder)
+        OutputTrim(lsg.num_global_tokens, lsg.pool_with_global).register_post(encoder)
 
 
 class BertGlobalRows:
@@ -57,11 +58,8 @@ class BertEncoderInput(LSGHook):
         self.lsg = lsg
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed to `cache` in transformers 5.24
-        if kwargs.get("use_cache") and cache is not None:
-            raise ValueError(
-                "LSG attention keeps no key/value cache: call the model (or generate) with use_cache=False"
-            )
+        if kwargs.get("use_cache") and cache_argument(kwargs) is not None:
+            raise ValueError(NO_CACHE)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         batch, length, _ = hidden.shape
         token_mask = token_mask_from(kwargs.get("attention_mask"), batch, length, hidden.device)
@@ -74,21 +72,3 @@ class BertEncoderInput(LSGHook):
         kwargs["attention_mask"] = None
         kwargs[CALL_KEYWORD] = build_call(token_mask, length, self.lsg)
         return (hidden, *args[1:]), kwargs
-
-
-class EncoderOutputTrim(LSGHook):
-    """Encoder post-hook: global token 0 replaces the first token (pool_with_global), then globals and
-    block padding are dropped so callers see exactly one row per input token."""
-
-    def __init__(self, lsg: "LSGConfig") -> None:
-        self.lsg = lsg
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        length = kwargs[CALL_KEYWORD].num_tokens
-        hidden = output.last_hidden_state
-        globals_count = self.lsg.num_global_tokens
-        tokens = hidden[:, globals_count : globals_count + length]
-        if self.lsg.pool_with_global:
-            tokens = torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)
-        output.last_hidden_state = tokens
-        return output

@@ -31,35 +31,24 @@ from torch import nn
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD
-from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, TokenPositionsOnly, block_padding, build_call,
-                   get_argument, set_argument, token_mask_from)
+from .base import (NO_CACHE, FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly,
+                   block_padding, build_call, cache_argument, get_argument, set_argument, token_mask_from,
+                   with_global_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
     from ..registry import ArchitectureEntry
-
-NO_CACHE = ("LSG attention keeps no key/value cache for this model yet: call it (and generate) with "
-            "use_cache=False")  # fmt: skip
-
 
 class StackFamily(FamilyAdapter):
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         LengthCheck(max_length).register_pre(base_model)
         StackInput(lsg, entry.position_kind, entry.keep_sliding_window_layers).register_pre(base_model)
-        StackOutput(lsg.num_global_tokens, lsg.pool_with_global and not causal).register_post(base_model)
+        OutputTrim(lsg.num_global_tokens, lsg.pool_with_global and not causal).register_post(base_model)
         if entry.has_position_table:
             table = get_submodule(base_model, entry.position_embeddings)
             TokenPositionsOnly(lsg.num_global_tokens).register_pre(table)
             NoPositionForGlobals(lsg.num_global_tokens).register_post(table)
-
-
-def _cache_argument(kwargs: dict) -> Any:
-    """The cache keyword, named `cache` from transformers 5.24 on and `past_key_values` before."""
-    for name in ("cache", "past_key_values"):
-        if name in kwargs:
-            return kwargs[name]
-    return None
 
 
 class StackInput(LSGHook):
@@ -77,7 +66,7 @@ class StackInput(LSGHook):
             return None  # upstream raises its own error for this call
         accepts = inspect.signature(module.forward).parameters
         use_cache = get_argument(module, args, kwargs, "use_cache") if "use_cache" in accepts else None
-        if use_cache or _cache_argument(kwargs) is not None:
+        if use_cache or cache_argument(kwargs) is not None:
             raise ValueError(NO_CACHE)
         reference = input_ids if input_ids is not None else embeds[..., 0]
         if reference.dim() != 2:
@@ -91,10 +80,9 @@ class StackInput(LSGHook):
             embeds = F.pad(embeds, (0, 0, 0, padding))
             token_mask = F.pad(token_mask, (0, padding), value=False)
         count = self.lsg.num_global_tokens
-        globals_ = module.global_embeddings.weight[:count].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         positions = self._positions(get_argument(module, args, kwargs, "position_ids"), length, padding, embeds.device)
         kwargs = {**kwargs, CALL_KEYWORD: build_call(token_mask, length, self.lsg)}
-        embeds = torch.cat([globals_, embeds], dim=1)
+        embeds = with_global_rows(module.global_embeddings, embeds, count)
         changes = {"input_ids": None, "attention_mask": None, "position_ids": positions, "inputs_embeds": embeds}
         if self.keep_sliding_window_layers:
             changes["attention_mask"] = _layer_type_masks(module.config, embeds, token_mask, count)
@@ -130,23 +118,3 @@ def _layer_type_masks(config: Any, embeds: torch.Tensor, token_mask: torch.Tenso
     keys = F.pad(token_mask, (count, 0), value=True)
     sliding = create_bidirectional_sliding_window_mask(config=config, inputs_embeds=embeds, attention_mask=keys)
     return {"full_attention": None, "sliding_attention": sliding}
-
-
-class StackOutput(LSGHook):
-    """Base-model post-hook: one output row per input token (globals and block padding dropped); with
-    pool_with_global, the first row is global token 0's."""
-
-    def __init__(self, num_global_tokens: int, pool_with_global: bool) -> None:
-        self.num_global_tokens = num_global_tokens
-        self.pool_with_global = pool_with_global
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        length = kwargs[CALL_KEYWORD].num_tokens
-        hidden = output[0]
-        kept = hidden[:, self.num_global_tokens : self.num_global_tokens + length]
-        if self.pool_with_global:
-            kept = torch.cat([hidden[:, :1], kept[:, 1:]], dim=1)
-        if isinstance(output, tuple):  # return_dict=False
-            return (kept, *output[1:])
-        output.last_hidden_state = kept
-        return output

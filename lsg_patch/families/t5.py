@@ -28,8 +28,8 @@ from torch import nn
 from ..attention import RelativeBias
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
-from .bart import BartFamily, CrossAttentionMask, EncoderInput, EncoderOutput
-from .base import FamilyAdapter, LengthCheck, get_argument, set_argument
+from .bart import BartFamily, CrossAttentionMask, EncoderInput
+from .base import FamilyAdapter, LengthCheck, OutputTrim, get_argument, set_argument
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -45,7 +45,7 @@ class T5Family(FamilyAdapter):
         keep_globals = lsg.pass_global_tokens_to_decoder and decoder is not None
         LengthCheck(max_length).register_pre(encoder)
         EncoderInput(BartFamily.token_embeddings, base_model.config.pad_token_id, lsg).register_pre(encoder)
-        EncoderOutput(lsg, keep_globals).register_post(encoder)
+        OutputTrim(lsg.num_global_tokens, lsg.pool_with_global, keep_globals).register_post(encoder)
         for _, _, attention in find_modules(base_model, entry.self_attention):
             takes_bias = "position_bias" in inspect.signature(attention.forward).parameters  # UMT5's does not
             if attention.has_relative_attention_bias and takes_bias:
