@@ -7,11 +7,13 @@ from .config import LSGConfig
 from .context import enabled
 from .persistence import from_pretrained
 from .pattern import attention_pattern, plot_pattern
+from .seam.cache import LSGCache
 from .registry import ArchitectureEntry, architecture_support, register, supported_architectures, unregister
 from .swap import from_lsg
 
 __all__ = [
     "ArchitectureEntry",
+    "LSGCache",
     "LSGConfig",
     "architecture_support",
     "attention_pattern",

@@ -157,7 +157,7 @@ ROTARY_DECODER = ArchitectureEntry(
     encoder="",
     global_embeddings_parent="",
     position_kind="rotary",
-    description="causal self-attention, grouped-query keys (no key/value cache yet: use_cache=False); global tokens "
+    description="causal self-attention, grouped-query keys, constant-size LSGCache for generate; global tokens "
     "a prefix at positions 0..G-1 (rotary scores between tokens unchanged); Mistral's sliding window is replaced by "
     "LSG's local window",
     heads=_DECODER_HEADS,
@@ -183,7 +183,7 @@ GPT2_LIKE = ArchitectureEntry(
     embeddings="wte",
     encoder="",
     global_embeddings_parent="",
-    description="causal self-attention (no key/value cache yet); learned positions tiled; global tokens a prefix "
+    description="causal self-attention, constant-size LSGCache for generate; learned positions tiled; global tokens a prefix "
     "without position",
     heads=("Model", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
 )

@@ -1,5 +1,5 @@
 """Stacks that embed their own input: decoder-only LMs (GPT-2, Llama, Mistral, Qwen2, Qwen3; causal LSG over the
-whole prompt, no cache yet) and rotary encoders (GTE, NomicBERT, jina-embeddings-v3, EuroBERT, ModernBERT).
+whole prompt; the cache is tested in test_cache.py) and rotary encoders (GTE, NomicBERT, jina-embeddings-v3, EuroBERT, ModernBERT).
 
 Oracle: the unconverted model itself, given [globals; tokens] as inputs_embeds and a 4-D boolean mask built here
 from the definition of LSG without sparse keys (docs/LSG_SPEC.md section 6). Causal: a global query sees every
@@ -85,22 +85,6 @@ def assert_matches_oracle(plain: torch.nn.Module, causal: bool, seed: int) -> No
 def test_lsg_matches_the_dense_oracle_on_a_padded_batch(model_type: str, causal: bool) -> None:
     plain = build(model_type, "Model", attn_implementation="sdpa")  # sdpa reads a 4-D bool mask as allowed keys
     assert_matches_oracle(plain, causal, seed=0)
-
-
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_a_cache_is_refused_and_generation_without_one_works(model_type: str) -> None:
-    head = "LMHeadModel" if model_type == "gpt2" else "ForCausalLM"
-    model = lsg_patch.to_lsg(build(model_type, head), max_length=MAX_LENGTH, **LSG)
-    ids = torch.randint(5, 99, (1, 30), generator=torch.Generator().manual_seed(1))
-    with pytest.raises(ValueError, match="use_cache=False"):
-        model.generate(ids, max_new_tokens=4, do_sample=False)
-    with pytest.raises(ValueError, match="use_cache=False"):
-        model(ids, use_cache=True)
-    generated = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False, pad_token_id=0)
-    assert generated.shape == (1, 42)
-    with torch.no_grad():  # greedy: each new token is the argmax after the sequence before it
-        logits = model(generated[:, :-1]).logits
-    assert torch.equal(logits[0, 29:].argmax(-1), generated[0, 30:])
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])

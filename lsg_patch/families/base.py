@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -135,6 +136,21 @@ class LengthCheck(LSGHook):
             )
 
 
+# The position table (by id) of the causal stack whose current call, in this thread, continues a cached prompt:
+# its input has no global rows in front. Set by the stack hook at the start of every call, so never stale when read.
+_TABLE_WITHOUT_GLOBALS: ContextVar[int | None] = ContextVar("lsg_table_without_globals", default=None)
+
+
+def tables_see_globals(table: nn.Module | None, with_globals: bool) -> None:
+    """Tell `table`'s hooks whether this call's input has the global rows in front (the stack hook calls this)."""
+    if table is not None:
+        _TABLE_WITHOUT_GLOBALS.set(None if with_globals else id(table))
+
+
+def _sees_globals(table: nn.Module) -> bool:
+    return _TABLE_WITHOUT_GLOBALS.get() != id(table)
+
+
 class TokenPositionsOnly(LSGHook):
     """Position-table pre-hook: look positions up for the T tokens, not for the G global rows in front (the
     table's only caller, the converted encoder or stack, always runs with the global rows in front)."""
@@ -143,7 +159,7 @@ class TokenPositionsOnly(LSGHook):
         self.num_global_tokens = num_global_tokens
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not args:
+        if not args or not _sees_globals(module):
             return None
         shape_source = args[0]  # BART/mBART pass a (batch, G+T) tensor, Pegasus the (batch, G+T) shape
         if isinstance(shape_source, torch.Tensor):
@@ -159,12 +175,15 @@ class NoPositionForGlobals(LSGHook):
     def __init__(self, num_global_tokens: int) -> None:
         self.num_global_tokens = num_global_tokens
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if not _sees_globals(module):
+            return None
         zeros = output.new_zeros(*output.shape[:-2], self.num_global_tokens, output.shape[-1])
         return torch.cat([zeros, output], dim=-2)
 
 
-NO_CACHE = "LSG attention keeps no key/value cache yet: call the model (and generate) with use_cache=False"
+NO_CACHE = ("bidirectional LSG attention keeps no key/value cache (only causal stacks do: decoder-only LMs); call "
+            "the model with use_cache=False")
 
 
 def cache_argument(kwargs: dict) -> Any:
@@ -189,7 +208,10 @@ class OutputTrim(LSGHook):
         self.keep_globals = keep_globals
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        length = kwargs[CALL_KEYWORD].num_tokens
+        call = kwargs[CALL_KEYWORD]
+        if call.continues:  # tokens after a cached prompt: one row each already
+            return output
+        length = call.num_tokens
         hidden = output[0]
         count = self.num_global_tokens
         if self.keep_globals:
@@ -198,6 +220,9 @@ class OutputTrim(LSGHook):
             kept = hidden[:, count : count + length]
             if self.pool_with_global:
                 kept = torch.cat([hidden[:, :1], kept[:, 1:]], dim=1)
+        if call.row_order is not None:  # rows back in the caller's order (their padding was moved behind them)
+            index = call.row_order[..., None].expand_as(kept).to(kept.device)
+            kept = torch.empty_like(kept).scatter(1, index, kept)
         if isinstance(output, tuple):  # return_dict=False
             return (kept, *output[1:])
         output.last_hidden_state = kept

@@ -15,13 +15,18 @@ Positions, by the entry's position kind:
 * learned (GPT-2): the tokens keep their positions 0..T-1 and the globals get no position vector (the table's
   hooks look positions up for the tokens only), as in the BERT and BART families.
 
-No key/value cache yet: a call that asks for one (use_cache=True, a cache object, generate's default) raises.
+Causal stacks keep an LSGCache (lsg_patch/seam/cache.py) when the call asks for a cache: a prompt fills it, and
+later calls feed only their new tokens, without global rows, each right after its row's own real tokens. Rows are
+placed so that their real tokens come first (left padding moved behind them), in calls with or without a cache: a
+row's blocks never depend on its padding, and every row gives what it gives alone. Encoders refuse a cache.
 A post-hook cuts the output back to one row per input token; for encoders (bidirectional attention),
-pool_with_global puts global token 0's output in the first row, as for BERT (docs/LSG_SPEC.md section 7b).
+pool_with_global puts global token 0's output in the first row, as for BERT (docs/LSG_SPEC.md section 7b), and
+moved rows go back to the caller's order.
 """
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,9 +35,10 @@ from torch import nn
 
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
-from ..seam import CALL_KEYWORD
+from ..seam import CALL_KEYWORD, LSGCall
+from ..seam.cache import LSGCache
 from .base import (NO_CACHE, FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly,
-                   block_padding, build_call, cache_argument, get_argument, set_argument, token_mask_from,
+                   block_padding, build_call, cache_argument, get_argument, set_argument, tables_see_globals, token_mask_from,
                    with_global_rows)
 
 if TYPE_CHECKING:
@@ -42,21 +48,25 @@ if TYPE_CHECKING:
 class StackFamily(FamilyAdapter):
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
+        table = get_submodule(base_model, entry.position_embeddings) if entry.has_position_table else None
         LengthCheck(max_length).register_pre(base_model)
-        StackInput(lsg, entry.position_kind, entry.keep_sliding_window_layers).register_pre(base_model)
+        StackInput(lsg, entry.position_kind, causal, table, entry.keep_sliding_window_layers).register_pre(base_model)
         OutputTrim(lsg.num_global_tokens, lsg.pool_with_global and not causal).register_post(base_model)
-        if entry.has_position_table:
-            table = get_submodule(base_model, entry.position_embeddings)
+        if table is not None:
             TokenPositionsOnly(lsg.num_global_tokens).register_pre(table)
             NoPositionForGlobals(lsg.num_global_tokens).register_post(table)
 
 
 class StackInput(LSGHook):
-    """Base-model pre-hook: inputs_embeds = [globals; tokens; padding], positions, and the per-call state."""
+    """Base-model pre-hook: inputs_embeds = [globals; tokens; padding], positions, and the per-call state; for causal
+    stacks also the LSGCache, and the calls that continue a cached prompt."""
 
-    def __init__(self, lsg: "LSGConfig", position_kind: str, keep_sliding_window_layers: bool = False) -> None:
+    def __init__(self, lsg: "LSGConfig", position_kind: str, causal: bool, table: nn.Module | None = None,
+                 keep_sliding_window_layers: bool = False) -> None:
         self.lsg = lsg
         self.position_kind = position_kind
+        self.causal = causal
+        self.table = table
         self.keep_sliding_window_layers = keep_sliding_window_layers
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -64,42 +74,128 @@ class StackInput(LSGHook):
         embeds = get_argument(module, args, kwargs, "inputs_embeds")
         if input_ids is None and embeds is None:
             return None  # upstream raises its own error for this call
-        accepts = inspect.signature(module.forward).parameters
-        use_cache = get_argument(module, args, kwargs, "use_cache") if "use_cache" in accepts else None
-        if use_cache or cache_argument(kwargs) is not None:
-            raise ValueError(NO_CACHE)
         reference = input_ids if input_ids is not None else embeds[..., 0]
         if reference.dim() != 2:
             raise ValueError(f"LSG takes (batch, tokens) inputs; got input of shape {tuple(reference.shape)}")
+        cache = self._cache(module, args, kwargs)
+        tables_see_globals(self.table, cache is None or cache.columns == 0)
         if embeds is None:
             embeds = module.get_input_embeddings()(input_ids)
-        batch, length = reference.shape
+        if cache is not None and cache.columns:
+            changes = self._continue(module, args, kwargs, cache, embeds)
+        else:
+            changes = self._prompt(module, args, kwargs, cache, embeds, reference.shape)
+        kwargs = {**kwargs, CALL_KEYWORD: changes.pop(CALL_KEYWORD)}
+        for name, value in changes.items():
+            args, kwargs = set_argument(module, args, kwargs, name, value)
+        return args, kwargs
+
+    def _prompt(self, module: nn.Module, args: tuple, kwargs: dict, cache: LSGCache | None, embeds: torch.Tensor,
+                shape: torch.Size) -> dict[str, Any]:
+        """A whole input (or a prompt that starts a cache): [globals; tokens; padding] and the per-call state."""
+        batch, length = shape
+        accepts = inspect.signature(module.forward).parameters
         token_mask = token_mask_from(get_argument(module, args, kwargs, "attention_mask"), batch, length, embeds.device)
+        given_positions = get_argument(module, args, kwargs, "position_ids")
+        token_types = get_argument(module, args, kwargs, "token_type_ids") if "token_type_ids" in accepts else None
+        row_order = padding_last(token_mask) if self.causal else None
+        if row_order is not None:  # each row's real tokens first: its blocks do not depend on its padding
+            embeds, token_mask, given_positions, token_types = (
+                None if x is None else _take_rows(x.expand(batch, *x.shape[1:]), row_order)
+                for x in (embeds, token_mask, given_positions, token_types))
         padding = block_padding(length, self.lsg)
         if padding:
             embeds = F.pad(embeds, (0, 0, 0, padding))
             token_mask = F.pad(token_mask, (0, padding), value=False)
         count = self.lsg.num_global_tokens
-        positions = self._positions(get_argument(module, args, kwargs, "position_ids"), length, padding, embeds.device)
-        kwargs = {**kwargs, CALL_KEYWORD: build_call(token_mask, length, self.lsg)}
+        call = build_call(token_mask, length, self.lsg)
+        if cache is not None:
+            real = token_mask.sum(dim=1)
+            cache.start(real, length, _next_positions(given_positions, real))
+        call = replace(call, row_order=row_order, cache=cache)
         embeds = with_global_rows(module.global_embeddings, embeds, count)
-        changes = {"input_ids": None, "attention_mask": None, "position_ids": positions, "inputs_embeds": embeds}
+        changes = {CALL_KEYWORD: call, "input_ids": None, "attention_mask": None, "inputs_embeds": embeds,
+                   "position_ids": self._positions(given_positions, length, padding, embeds.device)}
         if self.keep_sliding_window_layers:
             changes["attention_mask"] = _layer_type_masks(module.config, embeds, token_mask, count)
-        if "use_cache" in accepts:
-            changes["use_cache"] = False
-        token_types = get_argument(module, args, kwargs, "token_type_ids") if "token_type_ids" in accepts else None
+        changes.update(self._cache_arguments(module, kwargs, cache))
         if token_types is not None:
             changes["token_type_ids"] = F.pad(token_types.expand(batch, -1), (count, padding))
-        for name, value in changes.items():
-            args, kwargs = set_argument(module, args, kwargs, name, value)
-        return args, kwargs
+        return changes
+
+    def _continue(self, module: nn.Module, args: tuple, kwargs: dict, cache: LSGCache, embeds: torch.Tensor
+                  ) -> dict[str, Any]:
+        """New tokens after a cached prompt: no global rows (the cache holds their keys), each row's tokens right
+        after its own real tokens, with the position ids that follow its prompt's. Given position_ids are not read
+        here: for right-padded rows generate counts the padding in, and a row's place in its blocks is fixed."""
+        batch, new = embeds.shape[:2]
+        if batch != cache.batch_size:
+            raise ValueError(f"this LSGCache holds {cache.batch_size} rows but the call has {batch}; pass the cache of "
+                             "the same batch (or none, to start a new one)")
+        mask = get_argument(module, args, kwargs, "attention_mask")
+        if mask is not None and not bool(token_mask_from(mask, batch, mask.shape[-1], embeds.device)[:, -new:].all()):
+            raise ValueError(
+                "the attention mask masks some of the new tokens of a call that continues an LSGCache; every token "
+                "after the prompt must be real (padding belongs in the prompt, where lsg_patch moves it behind each "
+                "row's tokens)"
+            )
+        indices, positions = cache.advance(new)
+        ids = positions.to(embeds.device) + (self.lsg.num_global_tokens if self.position_kind == "rotary" else 0)
+        call = LSGCall(None, self.lsg.layout, new, cache=cache, new_positions=indices,
+                       step_masks=cache.step_masks(indices, embeds.device))
+        changes = {CALL_KEYWORD: call, "input_ids": None, "attention_mask": None, "inputs_embeds": embeds,
+                   "position_ids": ids}
+        changes.update(self._cache_arguments(module, kwargs, cache))
+        return changes
+
+    def _cache(self, module: nn.Module, args: tuple, kwargs: dict) -> LSGCache | None:
+        """The LSGCache this call fills or reads, or None (no cache asked for). Encoders refuse every cache; an
+        empty transformers cache (generate makes one) is replaced by an LSGCache; a filled one is refused."""
+        accepts = inspect.signature(module.forward).parameters
+        name = cache_keyword(accepts)
+        given = cache_argument(kwargs)
+        if given is None and name:
+            given = get_argument(module, args, kwargs, name)
+        use_cache = get_argument(module, args, kwargs, "use_cache") if "use_cache" in accepts else None
+        if not self.causal:
+            if use_cache or given is not None:
+                raise ValueError(NO_CACHE)
+            return None
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", False) and not (
+                getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled())
+        if isinstance(given, LSGCache):
+            return given
+        if given is not None:
+            seen = given.get_seq_length() if hasattr(given, "get_seq_length") else None
+            if seen != 0:
+                raise ValueError(
+                    f"LSG attention cannot continue from a {type(given).__name__} holding {seen} tokens: its own cache "
+                    "(lsg_patch.LSGCache) keeps the compressed state LSG reads. Pass no cache (one is created), an "
+                    "LSGCache, or use_cache=False"
+                )
+            return LSGCache(self.lsg.layout, self.lsg.mask_first_token)
+        return LSGCache(self.lsg.layout, self.lsg.mask_first_token) if use_cache else None
+
+    @staticmethod
+    def _cache_arguments(module: nn.Module, kwargs: dict, cache: LSGCache | None) -> dict[str, Any]:
+        """use_cache and the cache, under the forward's own name for it (a caller's other, deprecated name for it
+        is dropped from kwargs, so the model never sees two)."""
+        accepts = inspect.signature(module.forward).parameters
+        changes: dict[str, Any] = {}
+        if "use_cache" in accepts:
+            changes["use_cache"] = cache is not None
+        name = cache_keyword(accepts)
+        if name:
+            for other in {"cache", "past_key_values"} - {name}:
+                kwargs.pop(other, None)
+            changes[name] = cache
+        return changes
 
     def _positions(self, given: torch.Tensor | None, length: int, padding: int, device: torch.device
-                   ) -> torch.Tensor | None:
-        """Position ids of [globals; tokens; padding] (see the module docstring); None: the model's own count."""
-        if given is None and self.position_kind == "rotary":
-            return None
+                   ) -> torch.Tensor:
+        """Position ids of [globals; tokens; padding] (see the module docstring), always explicit: with a cache the
+        model would count from the cache's length, which already includes this prompt."""
         tokens = torch.arange(length, device=device)[None] if given is None else given
         if padding:
             tokens = torch.cat([tokens, tokens[:, -1:] + torch.arange(1, padding + 1, device=device)], dim=1)
@@ -107,6 +203,33 @@ class StackInput(LSGHook):
         if self.position_kind == "rotary":
             return torch.cat([torch.arange(count, device=device).expand(tokens.shape[0], -1), tokens + count], dim=1)
         return torch.cat([tokens.new_zeros(tokens.shape[0], count), tokens], dim=1)  # global rows: looked up by no one
+
+
+def _next_positions(given: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
+    """(batch,) position id after each row's last real token: its count, or one past its given last position."""
+    if given is None:
+        return real
+    last = given.expand(len(real), -1).gather(1, (real - 1).clamp(min=0).to(given.device)[:, None])[:, 0]
+    return torch.where(real.to(last.device) > 0, last + 1, 0)
+
+
+def padding_last(token_mask: torch.Tensor) -> torch.Tensor | None:
+    """(batch, T) order that puts each row's real tokens first, in their order, and its masked tokens after them;
+    None when every row already is so (no padding, or right padding)."""
+    if bool((token_mask[:, 1:] <= token_mask[:, :-1]).all()):
+        return None
+    return torch.argsort((~token_mask).to(torch.uint8), dim=1, stable=True)
+
+
+def _take_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (batch, T, ...) with the T positions of every row taken in `order` (batch, T)."""
+    index = order.view(*order.shape, *(1,) * (x.dim() - 2)).expand(*order.shape, *x.shape[2:])
+    return x.gather(1, index.to(x.device))
+
+
+def cache_keyword(accepts: Any) -> str | None:
+    """The base model's cache argument: `cache` from transformers 5.24 on, `past_key_values` before."""
+    return next((name for name in ("cache", "past_key_values") if name in accepts), None)
 
 
 def _layer_type_masks(config: Any, embeds: torch.Tensor, token_mask: torch.Tensor, count: int) -> dict[str, Any]:

@@ -8,8 +8,14 @@ threads at once, and gradient checkpointing replays the same call object with it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
 
 from ..attention import AttentionLayout, LSGMask
+
+if TYPE_CHECKING:
+    from .cache import LSGCache
 
 CALL_KEYWORD = "lsg_call"
 
@@ -17,8 +23,23 @@ CALL_KEYWORD = "lsg_call"
 @dataclass(frozen=True)
 class LSGCall:
     """mask: the block masks of this forward (built once, shared by every layer); layout: the LSG key set;
-    num_tokens: the caller's token count, before global tokens and block padding (what outputs are cut to)."""
+    num_tokens: the caller's token count, before global tokens and block padding (what outputs are cut to).
 
-    mask: LSGMask
+    Causal stacks only: row_order (batch, T), where a row's tokens were moved so that its padding follows its
+    real tokens (None: not moved); cache: the LSGCache this call fills (a prompt) or reads (new tokens);
+    new_positions (batch, s) CPU positions of the new tokens of a call after the prompt, with step_masks, the
+    position mask of each one's key set (then `mask` is None and no global rows are in the input).
+    """
+
+    mask: LSGMask | None
     layout: AttentionLayout
     num_tokens: int
+    row_order: torch.Tensor | None = None
+    cache: "LSGCache | None" = None
+    new_positions: torch.Tensor | None = None
+    step_masks: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def continues(self) -> bool:
+        """True for a call that adds tokens after a cached prompt."""
+        return self.new_positions is not None

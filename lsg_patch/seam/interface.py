@@ -32,7 +32,8 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
 
     Keys with fewer heads than the queries (grouped-query attention) are repeated to the query heads. A
     `position_bias` keyword (T5) must be a RelativeBias, applied inside every key set: a dense (n, n) bias
-    cannot be, and would cost the memory LSG saves.
+    cannot be, and would cost the memory LSG saves. With an LSGCache in the call (causal stacks), a prompt also
+    stores what later tokens can read, and a call after the prompt attends through the cache.
     """
     call = kwargs.get(CALL_KEYWORD)
     if not isinstance(call, LSGCall):
@@ -41,14 +42,19 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
             "whole model (or its encoder), not a single layer, and do not set attn_implementation='lsg' by hand "
             "(lsg_patch.to_lsg selects it for the modules it converts)"
         )
-    if key.shape[-2] != query.shape[-2]:
+    cache = call.cache
+    if cache is None and key.shape[-2] != query.shape[-2]:
         raise ValueError(
-            f"LSG attention got {query.shape[-2]} queries but {key.shape[-2]} keys: it keeps no key/value cache; "
-            "call the model (and generate) with use_cache=False"
+            f"LSG attention got {query.shape[-2]} queries but {key.shape[-2]} keys from a cache that is not an "
+            "LSGCache: causal LSG models keep their own (see lsg_patch.LSGCache); pass none, or use_cache=False"
         )
-    if key.shape[1] != query.shape[1]:
-        repeats = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+    repeats = query.shape[1] // key.shape[1]
+    lsh_seed = module.config.lsh_seed
+    if call.continues:
+        output = cache.attend(module.layer_idx, query, key, value, repeats, call.new_positions, call.step_masks,
+                              _scale(query, scaling), dropout, lsh_seed)
+        return output.transpose(1, 2), None
+    keys, values = (key, value) if repeats == 1 else (x.repeat_interleave(repeats, dim=1) for x in (key, value))
     bias = kwargs.get("position_bias")
     if bias is not None and not isinstance(bias, RelativeBias):
         raise ValueError(
@@ -57,10 +63,17 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
             "hooks pass one to the layer that owns the bias table): call the whole model or its encoder"
         )
     output = lsg_attention(
-        query, key, value, call.mask, call.layout, dropout_p=dropout, causal=bool(getattr(module, "is_causal", False)),
-        scale=scaling, lsh_seed=module.config.lsh_seed, bias=bias,
+        query, keys, values, call.mask, call.layout, dropout_p=dropout, causal=bool(getattr(module, "is_causal", False)),
+        scale=scaling, lsh_seed=lsh_seed, bias=bias,
     )  # fmt: skip
+    if cache is not None:
+        cache.store_prompt(module.layer_idx, query, key, value, repeats, call.mask.tokens, _scale(query, scaling),
+                           lsh_seed)
     return output.transpose(1, 2), None
+
+
+def _scale(query: torch.Tensor, scaling: float | None) -> float:
+    return query.shape[-1] ** -0.5 if scaling is None else scaling
 
 
 def lsg_mask_function(*args: Any, **kwargs: Any) -> Any:

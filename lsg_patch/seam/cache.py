@@ -1,0 +1,232 @@
+"""`LSGCache`: the constant-size key/value cache of causal LSG, as a transformers `Cache`.
+
+What it keeps, per layer, and why that is exact, is in `lsg_patch/attention/cached.py`. transformers' layers call
+`update` with each new key/value; LSG layers keep them in the attention function instead (which also knows the
+query, the layer's lsh seed and the layout), so `update` hands them back untouched. Rows are ragged: row r holds
+`lengths[r]` real tokens (its padding removed by the stack hook), kept on the host so that a decoding step never
+waits on the device to decide which rows complete a block.
+
+One cache belongs to one generation (one batch of sequences), not to the model: threads generating with the same
+model each have their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache
+
+from ..attention.cached import BlockItems, block_items, decode_key_mask, item_ring_size, token_slot_positions
+from ..attention.layout import AttentionLayout
+from ..attention.sparse import sparse_step
+
+NOT_CROPPABLE = ("an LSGCache cannot drop tokens (crop): its sparse items summarise whole blocks; generate without "
+                 "assisted or speculative decoding, or with use_cache=False")
+
+
+@dataclass
+class LayerState:
+    """One layer's cache. Token slots hold the key heads (grouped-query attention keeps its fewer heads); items are
+    computed per query head (their lsh planes and bos_pooling scores are per query head), as the product does."""
+
+    global_keys: torch.Tensor  # (batch, kv heads, G, d)
+    global_values: torch.Tensor
+    token_keys: torch.Tensor  # (batch, kv heads, 2 * bs, d): token p in slot p mod 2 * bs
+    token_values: torch.Tensor
+    item_keys: torch.Tensor  # (batch, heads, sbs + step, d): item j in slot j mod (sbs + step)
+    item_values: torch.Tensor
+    item_mask: torch.Tensor  # (batch, heads, sbs + step) bool
+    query_first: torch.Tensor  # (batch, heads, d): the query of token 0 (bos_pooling)
+
+    def tensors(self) -> list[str]:
+        return list(self.__dataclass_fields__)
+
+    def apply(self, function: Any) -> None:
+        """Replace every tensor t by function(t) (batch reordering for beam search)."""
+        for name in self.tensors():
+            setattr(self, name, function(getattr(self, name)))
+
+
+class LSGCache(Cache):
+    """The compressed key/value cache of causal LSG (see the module docstring); pass it as the model's cache or let
+    lsg_patch create it (generate's empty DynamicCache is replaced by one)."""
+
+    def __init__(self, layout: AttentionLayout, mask_first_token: bool = False) -> None:
+        super().__init__(layers=[])
+        self.layout = layout
+        self.mask_first_token = mask_first_token
+        self.states: dict[int, LayerState] = {}
+        self.lengths: torch.Tensor | None = None  # (batch,) real tokens per row, on the CPU
+        self.next_positions: torch.Tensor | None = None  # (batch,) position id of each row's next token, CPU
+        self.columns = 0  # input columns seen (padding included): what generate slices its inputs by
+
+    # what transformers asks of a cache
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hand the new keys/values back: the LSG attention function stores what this layer must keep."""
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.columns
+
+    def get_mask_sizes(self, query_length: Any, layer_idx: int = 0) -> tuple[int, int]:
+        """LSG layers build no dense mask: transformers is told the query alone (a tiny mask nobody reads)."""
+        length = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.lengths is not None
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.lengths is None else len(self.lengths)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(NOT_CROPPABLE)
+
+    def reset(self) -> None:
+        self.states.clear()
+        self.lengths, self.next_positions, self.columns = None, None, 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for state in self.states.values():
+            state.apply(lambda t: t.index_select(0, indices.to(t.device)))
+        if self.lengths is not None:
+            self.lengths, self.next_positions = (x.index_select(0, indices.cpu())
+                                                 for x in (self.lengths, self.next_positions))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for state in self.states.values():
+            state.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+        if self.lengths is not None:
+            self.lengths, self.next_positions = (x.repeat_interleave(repeats, dim=0)
+                                                 for x in (self.lengths, self.next_positions))
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __repr__(self) -> str:
+        return (f"LSGCache(layers={len(self.states)}, rows={self.batch_size}, columns={self.columns}, "
+                f"bytes={self.nbytes()})")
+
+    def nbytes(self, layer_idx: int | None = None) -> int:
+        """Bytes held, by one layer or all: what the constant-size claim is about."""
+        states = self.states.values() if layer_idx is None else [self.states[layer_idx]]
+        return sum(getattr(s, n).numel() * getattr(s, n).element_size() for s in states for n in s.tensors())
+
+    # what the stack hook and the attention function do with it
+    def start(self, lengths: torch.Tensor, columns: int, next_positions: torch.Tensor) -> None:
+        """A prompt arrives: rows of `lengths` real tokens in `columns` input columns, whose next tokens take the
+        position ids `next_positions` (all (batch,), any device)."""
+        self.states.clear()
+        self.lengths, self.columns, self.next_positions = lengths.cpu(), columns, next_positions.cpu()
+
+    def advance(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A call of `new_tokens` columns after the prompt (all real): the (batch, new_tokens) CPU token indices
+        they take in their rows (what places them in blocks) and their position ids."""
+        steps = torch.arange(new_tokens)
+        indices, positions = self.lengths[:, None] + steps, self.next_positions[:, None] + steps
+        self.lengths, self.next_positions = self.lengths + new_tokens, self.next_positions + new_tokens
+        self.columns += new_tokens
+        return indices, positions
+
+    def step_masks(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """For every new column, the (batch, 1, K) position mask of its key set (built once for all layers)."""
+        return tuple(decode_key_mask(positions[:, j], self.layout, self.mask_first_token).to(device)
+                     for j in range(positions.shape[1]))
+
+    def store_prompt(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     repeats: int, token_mask: torch.Tensor, scale: float, lsh_seed: int) -> None:
+        """Keep what the tokens after the prompt can read, from the prompt's (batch, heads, G + T, d) tensors
+        (key/value with their kv heads; `repeats` query heads per kv head); token_mask: the call's (batch, T)."""
+        layout = self.layout
+        g, bs = layout.num_global_tokens, layout.block_size
+        device = key.device
+        slots = token_slot_positions(self.lengths - 1, 2 * bs)
+        index = (g + slots.clamp(min=0)).to(device)[:, None, :, None]
+        tokens = [x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[-1])) for x in (key, value)]
+        query_first = query[:, :, g]
+        ring = item_ring_size(layout)
+        whole = (key.shape[2] - g) // bs * bs
+        keys = query.new_zeros(*query.shape[:2], ring, query.shape[-1])
+        values, allowed = keys.clone(), torch.zeros(*query.shape[:2], ring, dtype=torch.bool, device=device)
+        if ring and whole:  # else nothing is written yet: the item ring starts empty
+            items = self._items(query_first, key[:, :, g : g + whole], value[:, :, g : g + whole], repeats,
+                                token_mask[:, :whole], scale, lsh_seed)
+            kept = token_slot_positions(self.lengths // bs * sparse_step(layout) - 1, ring)
+            take = kept.clamp(min=0).to(device)[:, None].expand(-1, query.shape[1], -1)
+            keys, values = (x.gather(2, take[..., None].expand(-1, -1, -1, x.shape[-1]))
+                            for x in (items.keys, items.values))
+            allowed = items.mask.gather(2, take) & (kept >= 0).to(device)[:, None]
+        self.states[layer_idx] = LayerState(key[:, :, :g], value[:, :, :g], *tokens, keys, values, allowed,
+                                            query_first)
+
+    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, repeats: int,
+               positions: torch.Tensor, masks: tuple[torch.Tensor, ...], scale: float, dropout: float,
+               lsh_seed: int) -> torch.Tensor:
+        """The LSG attention of new token queries (batch, heads, s, d) with their keys/values (batch, kv heads, s,
+        d), one column at a time: each is written to its slot, attends to its key set, and completes a block's
+        items when it is the block's last token. Returns (batch, heads, s, d)."""
+        state = self.states[layer_idx]
+        bs = self.layout.block_size
+        rows = torch.arange(query.shape[0], device=query.device)
+        outputs = []
+        for j in range(query.shape[2]):
+            slot = (positions[:, j] % (2 * bs)).to(query.device)
+            state.token_keys[rows, :, slot] = key[:, :, j]
+            state.token_values[rows, :, slot] = value[:, :, j]
+            keys, values = (torch.cat([torch.cat([glob, tok], dim=2).repeat_interleave(repeats, dim=1), items], dim=2)
+                            for glob, tok, items in ((state.global_keys, state.token_keys, state.item_keys),
+                                                     (state.global_values, state.token_values, state.item_values)))
+            allowed = masks[j] & F.pad(state.item_mask, (keys.shape[2] - state.item_mask.shape[2], 0), value=True)
+            outputs.append(F.scaled_dot_product_attention(query[:, :, j : j + 1], keys, values,
+                                                          attn_mask=allowed[:, :, None], dropout_p=dropout,
+                                                          scale=scale))
+            self._complete_blocks(state, positions[:, j], repeats, scale, lsh_seed)
+        return torch.cat(outputs, dim=2)
+
+    def _complete_blocks(self, state: LayerState, positions: torch.Tensor, repeats: int, scale: float,
+                         lsh_seed: int) -> None:
+        """Compute the items of the blocks whose last token sits at `positions` (the rows where one does)."""
+        ring = item_ring_size(self.layout)
+        bs = self.layout.block_size
+        done = ((positions + 1) % bs == 0).nonzero().flatten()
+        if not ring or len(done) == 0:
+            return
+        block = positions[done] // bs
+        device = state.token_keys.device
+        slots = ((block % 2)[:, None] * bs + torch.arange(bs)).to(device)[:, None, :, None]
+        rows = done.to(device)
+        keys, values = (x[rows].gather(2, slots.expand(-1, x.shape[1], -1, x.shape[-1]))
+                        for x in (state.token_keys, state.token_values))
+        token_mask = torch.ones(len(done), bs, dtype=torch.bool)
+        if self.mask_first_token:
+            token_mask[:, 0] = block != 0
+        items = self._items(state.query_first[rows], keys, values, repeats, token_mask.to(device), scale, lsh_seed)
+        step = sparse_step(self.layout)
+        targets = ((block[:, None] * step + torch.arange(step)) % ring).to(device)
+        state.item_keys[rows[:, None], :, targets] = items.keys.transpose(1, 2)
+        state.item_values[rows[:, None], :, targets] = items.values.transpose(1, 2)
+        state.item_mask[rows[:, None], :, targets] = items.mask.transpose(1, 2)
+
+    def _items(self, query_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, repeats: int,
+               token_mask: torch.Tensor, scale: float, lsh_seed: int) -> BlockItems:
+        keys, values = (x.repeat_interleave(repeats, dim=1) for x in (keys, values))
+        return block_items(query_first, keys, values, token_mask, self.layout, scale, lsh_seed)
