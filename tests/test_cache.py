@@ -22,7 +22,8 @@ import lsg_patch
 from lsg_patch import LSGCache
 from tests.test_architectures import build
 
-DECODERS = {"gpt2": "LMHeadModel", "llama": "ForCausalLM", "mistral": "ForCausalLM", "qwen2": "ForCausalLM"}
+DECODERS = {"gpt2": "LMHeadModel", "llama": "ForCausalLM", "mistral": "ForCausalLM", "qwen2": "ForCausalLM",
+            "bert": "LMHeadModel", "roberta": "ForCausalLM"}  # BERT-family decoders: is_decoder=True
 SPARSITY_TYPES = ["norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none"]
 _PLAIN: dict[tuple[str, bool], torch.nn.Module] = {}
 
@@ -31,7 +32,7 @@ def plain(model_type: str, double: bool = True) -> torch.nn.Module:
     """The unconverted tiny decoder (built once), float64 unless asked otherwise."""
     key = (model_type, double)
     if key not in _PLAIN:
-        model = build(model_type, DECODERS[model_type], max_position_embeddings=4096)
+        model = build(model_type, DECODERS[model_type], max_position_embeddings=4096 + 2 * (model_type == "roberta"))
         _PLAIN[key] = model.double() if double else model
     return _PLAIN[key]
 
@@ -67,7 +68,7 @@ def layouts(draw: st.DrawFn) -> dict:
 
 
 @settings(max_examples=30, deadline=None)
-@given(model_type=st.sampled_from(["gpt2", "llama"]), lsg=layouts(), prompt=st.integers(1, 40),
+@given(model_type=st.sampled_from(["gpt2", "llama", "bert"]), lsg=layouts(), prompt=st.integers(1, 40),
        steps=st.integers(1, 3), seed=st.integers(0, 99))
 def test_every_token_after_a_cached_prompt_gets_the_uncached_logits(model_type: str, lsg: dict, prompt: int,
                                                                      steps: int, seed: int) -> None:
@@ -101,7 +102,7 @@ def test_float32_generation_with_the_cache_equals_generation_without(model_type:
     assert torch.equal(greedy(model, ids, 30), greedy(model, ids, 30, use_cache=False))
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert"])
 def test_beam_search_with_the_cache_equals_beam_search_without(model_type: str) -> None:
     model = converted(model_type, sparsity_type="bos_pooling", sparsity_factor=4)
     ids = ids_of(2, 37, seed=4)
@@ -116,7 +117,7 @@ def padded_batch(lengths: list[int], width: int, side: str) -> tuple[torch.Tenso
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert", "roberta"])
 def test_each_row_of_a_left_padded_batch_generates_what_it_generates_alone(model_type: str) -> None:
     """Rows of 45, 38 and 17 real tokens: the block partition of a row does not depend on its padding."""
     model = converted(model_type, sparsity_type="lsh")
@@ -128,7 +129,7 @@ def test_each_row_of_a_left_padded_batch_generates_what_it_generates_alone(model
         assert torch.equal(batch[row, 45:], alone[0, length:])
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert"])
 def test_tokens_after_a_right_padded_prompt_follow_each_row_s_own_tokens(model_type: str) -> None:
     """generate reads the next token at the last column, a padding one for right-padded rows (transformers warns
     about that), so this feeds the same 20 tokens after every row's prompt by hand: each row's logits are those of

@@ -158,14 +158,14 @@ def test_an_lsg_layer_called_alone_says_how_to_call_it() -> None:
         model.encoder.layer[0](torch.zeros(1, 40, 32))
 
 
-def test_causal_bert_with_a_cache_raises_instead_of_generating_wrong_tokens() -> None:
-    model = lsg_patch.to_lsg(build("bert", "LMHeadModel"), max_length=MAX_LENGTH, **LSG)
-    ids = torch.randint(5, 99, (1, 40))
-    with pytest.raises(ValueError, match="use_cache=False"):
-        model.generate(ids, max_new_tokens=3, do_sample=False)
-    with pytest.raises(ValueError, match="use_cache=False"):
-        model(ids)  # config.use_cache defaults to True for decoders
-    assert model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False).shape == (1, 43)
+def test_a_bert_decoder_with_cross_attention_refuses_a_cache_and_runs_without() -> None:
+    """Its cache would hold the encoder's keys too (EncoderDecoderCache); LSGCache covers self-attention only
+    (the cache itself is tested in test_cache.py)."""
+    model = lsg_patch.to_lsg(build("bert", "LMHeadModel", add_cross_attention=True), max_length=MAX_LENGTH, **LSG)
+    ids, states = torch.randint(5, 99, (1, 40)), torch.randn(1, 9, 32)
+    with pytest.raises(ValueError, match="cross-attention.*use_cache=False"):
+        model(ids, encoder_hidden_states=states, use_cache=True)
+    assert model(ids, encoder_hidden_states=states, use_cache=False).logits.shape == (1, 40, 99)
 
 
 def test_model_config_changes_still_reach_converted_modules() -> None:

@@ -182,15 +182,6 @@ class NoPositionForGlobals(LSGHook):
         return torch.cat([zeros, output], dim=-2)
 
 
-NO_CACHE = ("bidirectional LSG attention keeps no key/value cache (only causal stacks do: decoder-only LMs); call "
-            "the model with use_cache=False")
-
-
-def cache_argument(kwargs: dict) -> Any:
-    """The cache keyword of a model call, named `cache` from transformers 5.24 on and `past_key_values` before."""
-    return kwargs.get("cache", kwargs.get("past_key_values"))
-
-
 def with_global_rows(table: nn.Embedding, embeds: torch.Tensor, count: int) -> torch.Tensor:
     """[the first `count` rows of the global table; embeds] for every batch row, in the embeddings' dtype."""
     rows = table.weight[:count].to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)

@@ -3,28 +3,41 @@
 Global tokens are embedded like tokens without word, position or type vectors (LayerNorm and dropout
 only, then ELECTRA's projection), prepended to the embedding output; block padding appends zero
 vectors (docs/LSG_SPEC.md sections 4, 5 and 7b).
+
+Configured as decoders (is_decoder=True: LMHeadModel, ForCausalLM) they take causal LSG and keep an LSGCache, as the
+decoder-only stacks do: a base-model hook resolves the cache, puts each row's real tokens first before the
+embeddings (so positions and blocks do not depend on padding), and gives the tokens after a cached prompt their
+positions; the encoder hook fills or reads the cache.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import LSGHook
-from ..registry_paths import get_submodule
-from ..seam import CALL_KEYWORD
-from .base import (NO_CACHE, FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, cache_argument,
+from ..registry_paths import find_modules, get_submodule
+from ..seam import CALL_KEYWORD, LSGCall
+from ..seam.cache import LSGCache
+from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument, set_argument,
                    token_mask_from)
+from .caching import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last, resolve_cache,
+                      take_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
     from ..registry import ArchitectureEntry
 
+# From the base-model hook to the encoder hook of decoders, through the model's **kwargs: the row order, and the
+# position id each row's next token takes.
+ROW_ORDER_KEYWORD, NEXT_POSITIONS_KEYWORD = "lsg_row_order", "lsg_next_positions"
+
 
 class BertFamily(FamilyAdapter):
-    """Hooks on the embeddings (length check) and on the encoder (globals, padding, per-call state, trimming)."""
+    """Hooks on the embeddings (length check) and on the encoder (globals, padding, per-call state, trimming), and
+    for decoders on the base model (cache, row placement)."""
 
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         LengthCheck(max_length).register_pre(get_submodule(base_model, entry.embeddings))
@@ -32,7 +45,10 @@ class BertFamily(FamilyAdapter):
         global_rows = BertGlobalRows(
             get_submodule(base_model, entry.embeddings), getattr(base_model, "embeddings_project", None)
         )
-        BertEncoderInput(global_rows, lsg).register_pre(encoder)
+        causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
+        if causal:
+            DecoderRows(lsg, entry.position_offset).register_pre(base_model)
+        BertEncoderInput(global_rows, lsg, entry.position_offset).register_pre(encoder)
         OutputTrim(lsg.num_global_tokens, lsg.pool_with_global).register_post(encoder)
 
 
@@ -51,17 +67,28 @@ class BertGlobalRows:
 
 class BertEncoderInput(LSGHook):
     """Encoder pre-hook: [globals; tokens; zero padding], and the per-call state (masks built once per forward)
-    passed down to the layers as `lsg_call`; the encoder's dense mask is dropped."""
+    passed down to the layers as `lsg_call`; the encoder's dense mask is dropped. With an LSGCache (decoders), a
+    prompt starts it and the tokens after it attend through it, without global rows."""
 
-    def __init__(self, global_rows: BertGlobalRows, lsg: "LSGConfig") -> None:
+    def __init__(self, global_rows: BertGlobalRows, lsg: "LSGConfig", position_offset: int = 0) -> None:
         self.global_rows = global_rows
         self.lsg = lsg
+        self.position_offset = position_offset
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if kwargs.get("use_cache") and cache_argument(kwargs) is not None:
-            raise ValueError(NO_CACHE)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        row_order = kwargs.pop(ROW_ORDER_KEYWORD, None)
+        following = kwargs.pop(NEXT_POSITIONS_KEYWORD, None)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         batch, length, _ = hidden.shape
+        if isinstance(cache, LSGCache) and cache.columns:
+            indices, _ = cache.advance(length)
+            kwargs["attention_mask"] = None
+            kwargs[CALL_KEYWORD] = LSGCall(None, self.lsg.layout, length, cache=cache, new_positions=indices,
+                                           step_masks=cache.step_masks(indices, hidden.device))
+            return (hidden, *args[1:]), kwargs
+        if cache is not None and not isinstance(cache, LSGCache):
+            raise ValueError(f"LSG encoders keep no key/value cache; got {type(cache).__name__}: use_cache=False")
         token_mask = token_mask_from(kwargs.get("attention_mask"), batch, length, hidden.device)
         padding = block_padding(length, self.lsg)
         if padding:  # F.pad, not cat with a new (batch, padding) tensor: no shape specialisation under compile
@@ -70,5 +97,60 @@ class BertEncoderInput(LSGHook):
         globals_ = self.global_rows(self.lsg.num_global_tokens, batch).to(hidden.dtype)
         hidden = torch.cat([globals_, hidden], dim=1)
         kwargs["attention_mask"] = None
-        kwargs[CALL_KEYWORD] = build_call(token_mask, length, self.lsg)
+        call = build_call(token_mask, length, self.lsg)
+        if cache is not None:
+            real = token_mask.sum(dim=1)
+            cache.start(real, length, real + self.position_offset if following is None else following)
+        kwargs[CALL_KEYWORD] = LSGCall(call.mask, call.layout, length, row_order=row_order, cache=cache)
         return (hidden, *args[1:]), kwargs
+
+
+class DecoderRows(LSGHook):
+    """Base-model pre-hook of BERT-family decoders: the call's LSGCache (or none), each row's real tokens first
+    (input ids, mask, token types and given positions moved alike, before the embeddings number them), and the
+    position ids of the tokens after a cached prompt (the count after each row's own real tokens, plus the table
+    offset: 2 for RoBERTa-likes)."""
+
+    def __init__(self, lsg: "LSGConfig", position_offset: int) -> None:
+        self.lsg = lsg
+        self.position_offset = position_offset
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        input_ids = get_argument(module, args, kwargs, "input_ids")
+        embeds = get_argument(module, args, kwargs, "inputs_embeds")
+        reference = input_ids if input_ids is not None else (None if embeds is None else embeds[..., 0])
+        if reference is None or reference.dim() != 2:
+            return None  # upstream raises its own error for this call
+        if get_argument(module, args, kwargs, "encoder_hidden_states") is not None:
+            if given_cache(module, args, kwargs) is not None or get_argument(module, args, kwargs, "use_cache"):
+                raise ValueError("LSG keeps no cache for BERT-family decoders with cross-attention (their cache holds "
+                                 "the encoder's keys too); call them with use_cache=False")
+            kwargs = {**kwargs, "use_cache": False}  # the config's default asks for one: run without
+        cache = resolve_cache(module, args, kwargs, self.lsg, causal=True)
+        changes: dict[str, Any] = cache_arguments(module, kwargs, cache)
+        batch, length = reference.shape
+        if cache is not None and cache.columns:
+            new_tokens_are_real(module, args, kwargs, length)
+            positions = cache.next_positions[:, None] + torch.arange(length)
+            changes["position_ids"] = positions.to(reference.device)
+        else:
+            mask = get_argument(module, args, kwargs, "attention_mask")
+            token_mask = token_mask_from(mask, batch, length, reference.device)
+            row_order = padding_last(token_mask)
+            given = get_argument(module, args, kwargs, "position_ids")
+            if cache is not None:
+                kwargs = {**kwargs, NEXT_POSITIONS_KEYWORD: next_positions(
+                    take_rows(given, row_order) if row_order is not None else given, token_mask.sum(dim=1),
+                    self.position_offset)}
+            if row_order is not None:
+                if mask.dim() != 2:
+                    raise ValueError("a BERT-family decoder moves each row's padding behind its tokens, which needs a "
+                                     f"2-D attention mask; got one of shape {tuple(mask.shape)}")
+                for name in ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids"):
+                    value = get_argument(module, args, kwargs, name)
+                    if isinstance(value, torch.Tensor):
+                        changes[name] = take_rows(value, row_order)
+                kwargs = {**kwargs, ROW_ORDER_KEYWORD: row_order}
+        for name, value in changes.items():
+            args, kwargs = set_argument(module, args, kwargs, name, value)
+        return args, kwargs

@@ -37,9 +37,10 @@ from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
-from .base import (NO_CACHE, FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly,
-                   block_padding, build_call, cache_argument, get_argument, set_argument, tables_see_globals, token_mask_from,
-                   with_global_rows)
+from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
+                   build_call, get_argument, set_argument, tables_see_globals, token_mask_from, with_global_rows)
+from .caching import (cache_arguments, new_tokens_are_real, next_positions, padding_last, resolve_cache,
+                      take_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -77,7 +78,7 @@ class StackInput(LSGHook):
         reference = input_ids if input_ids is not None else embeds[..., 0]
         if reference.dim() != 2:
             raise ValueError(f"LSG takes (batch, tokens) inputs; got input of shape {tuple(reference.shape)}")
-        cache = self._cache(module, args, kwargs)
+        cache = resolve_cache(module, args, kwargs, self.lsg, self.causal)
         tables_see_globals(self.table, cache is None or cache.columns == 0)
         if embeds is None:
             embeds = module.get_input_embeddings()(input_ids)
@@ -101,8 +102,7 @@ class StackInput(LSGHook):
         row_order = padding_last(token_mask) if self.causal else None
         if row_order is not None:  # each row's real tokens first: its blocks do not depend on its padding
             embeds, token_mask, given_positions, token_types = (
-                None if x is None else _take_rows(x.expand(batch, *x.shape[1:]), row_order)
-                for x in (embeds, token_mask, given_positions, token_types))
+                take_rows(x, row_order) for x in (embeds, token_mask, given_positions, token_types))
         padding = block_padding(length, self.lsg)
         if padding:
             embeds = F.pad(embeds, (0, 0, 0, padding))
@@ -111,14 +111,14 @@ class StackInput(LSGHook):
         call = build_call(token_mask, length, self.lsg)
         if cache is not None:
             real = token_mask.sum(dim=1)
-            cache.start(real, length, _next_positions(given_positions, real))
+            cache.start(real, length, next_positions(given_positions, real))
         call = replace(call, row_order=row_order, cache=cache)
         embeds = with_global_rows(module.global_embeddings, embeds, count)
         changes = {CALL_KEYWORD: call, "input_ids": None, "attention_mask": None, "inputs_embeds": embeds,
                    "position_ids": self._positions(given_positions, length, padding, embeds.device)}
         if self.keep_sliding_window_layers:
             changes["attention_mask"] = _layer_type_masks(module.config, embeds, token_mask, count)
-        changes.update(self._cache_arguments(module, kwargs, cache))
+        changes.update(cache_arguments(module, kwargs, cache))
         if token_types is not None:
             changes["token_type_ids"] = F.pad(token_types.expand(batch, -1), (count, padding))
         return changes
@@ -132,64 +132,14 @@ class StackInput(LSGHook):
         if batch != cache.batch_size:
             raise ValueError(f"this LSGCache holds {cache.batch_size} rows but the call has {batch}; pass the cache of "
                              "the same batch (or none, to start a new one)")
-        mask = get_argument(module, args, kwargs, "attention_mask")
-        if mask is not None and not bool(token_mask_from(mask, batch, mask.shape[-1], embeds.device)[:, -new:].all()):
-            raise ValueError(
-                "the attention mask masks some of the new tokens of a call that continues an LSGCache; every token "
-                "after the prompt must be real (padding belongs in the prompt, where lsg_patch moves it behind each "
-                "row's tokens)"
-            )
+        new_tokens_are_real(module, args, kwargs, new)
         indices, positions = cache.advance(new)
         ids = positions.to(embeds.device) + (self.lsg.num_global_tokens if self.position_kind == "rotary" else 0)
         call = LSGCall(None, self.lsg.layout, new, cache=cache, new_positions=indices,
                        step_masks=cache.step_masks(indices, embeds.device))
         changes = {CALL_KEYWORD: call, "input_ids": None, "attention_mask": None, "inputs_embeds": embeds,
                    "position_ids": ids}
-        changes.update(self._cache_arguments(module, kwargs, cache))
-        return changes
-
-    def _cache(self, module: nn.Module, args: tuple, kwargs: dict) -> LSGCache | None:
-        """The LSGCache this call fills or reads, or None (no cache asked for). Encoders refuse every cache; an
-        empty transformers cache (generate makes one) is replaced by an LSGCache; a filled one is refused."""
-        accepts = inspect.signature(module.forward).parameters
-        name = cache_keyword(accepts)
-        given = cache_argument(kwargs)
-        if given is None and name:
-            given = get_argument(module, args, kwargs, name)
-        use_cache = get_argument(module, args, kwargs, "use_cache") if "use_cache" in accepts else None
-        if not self.causal:
-            if use_cache or given is not None:
-                raise ValueError(NO_CACHE)
-            return None
-        if use_cache is None:
-            use_cache = getattr(module.config, "use_cache", False) and not (
-                getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled())
-        if isinstance(given, LSGCache):
-            return given
-        if given is not None:
-            seen = given.get_seq_length() if hasattr(given, "get_seq_length") else None
-            if seen != 0:
-                raise ValueError(
-                    f"LSG attention cannot continue from a {type(given).__name__} holding {seen} tokens: its own cache "
-                    "(lsg_patch.LSGCache) keeps the compressed state LSG reads. Pass no cache (one is created), an "
-                    "LSGCache, or use_cache=False"
-                )
-            return LSGCache(self.lsg.layout, self.lsg.mask_first_token)
-        return LSGCache(self.lsg.layout, self.lsg.mask_first_token) if use_cache else None
-
-    @staticmethod
-    def _cache_arguments(module: nn.Module, kwargs: dict, cache: LSGCache | None) -> dict[str, Any]:
-        """use_cache and the cache, under the forward's own name for it (a caller's other, deprecated name for it
-        is dropped from kwargs, so the model never sees two)."""
-        accepts = inspect.signature(module.forward).parameters
-        changes: dict[str, Any] = {}
-        if "use_cache" in accepts:
-            changes["use_cache"] = cache is not None
-        name = cache_keyword(accepts)
-        if name:
-            for other in {"cache", "past_key_values"} - {name}:
-                kwargs.pop(other, None)
-            changes[name] = cache
+        changes.update(cache_arguments(module, kwargs, cache))
         return changes
 
     def _positions(self, given: torch.Tensor | None, length: int, padding: int, device: torch.device
@@ -203,33 +153,6 @@ class StackInput(LSGHook):
         if self.position_kind == "rotary":
             return torch.cat([torch.arange(count, device=device).expand(tokens.shape[0], -1), tokens + count], dim=1)
         return torch.cat([tokens.new_zeros(tokens.shape[0], count), tokens], dim=1)  # global rows: looked up by no one
-
-
-def _next_positions(given: torch.Tensor | None, real: torch.Tensor) -> torch.Tensor:
-    """(batch,) position id after each row's last real token: its count, or one past its given last position."""
-    if given is None:
-        return real
-    last = given.expand(len(real), -1).gather(1, (real - 1).clamp(min=0).to(given.device)[:, None])[:, 0]
-    return torch.where(real.to(last.device) > 0, last + 1, 0)
-
-
-def padding_last(token_mask: torch.Tensor) -> torch.Tensor | None:
-    """(batch, T) order that puts each row's real tokens first, in their order, and its masked tokens after them;
-    None when every row already is so (no padding, or right padding)."""
-    if bool((token_mask[:, 1:] <= token_mask[:, :-1]).all()):
-        return None
-    return torch.argsort((~token_mask).to(torch.uint8), dim=1, stable=True)
-
-
-def _take_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """x (batch, T, ...) with the T positions of every row taken in `order` (batch, T)."""
-    index = order.view(*order.shape, *(1,) * (x.dim() - 2)).expand(*order.shape, *x.shape[2:])
-    return x.gather(1, index.to(x.device))
-
-
-def cache_keyword(accepts: Any) -> str | None:
-    """The base model's cache argument: `cache` from transformers 5.24 on, `past_key_values` before."""
-    return next((name for name in ("cache", "past_key_values") if name in accepts), None)
 
 
 def _layer_type_masks(config: Any, embeds: torch.Tensor, token_mask: torch.Tensor, count: int) -> dict[str, Any]:
