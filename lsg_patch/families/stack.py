@@ -85,7 +85,7 @@ class StackInput(LSGHook):
         embeds = with_global_rows(module.global_embeddings, embeds, count)
         changes = {"input_ids": None, "attention_mask": None, "position_ids": positions, "inputs_embeds": embeds}
         if self.keep_sliding_window_layers:
-            changes["attention_mask"] = _layer_type_masks(module.config, embeds, token_mask, count)
+            changes["attention_mask"] = _layer_type_masks(module.config)
         if "use_cache" in accepts:
             changes["use_cache"] = False
         token_types = get_argument(module, args, kwargs, "token_type_ids") if "token_type_ids" in accepts else None
@@ -109,12 +109,8 @@ class StackInput(LSGHook):
         return torch.cat([tokens.new_zeros(tokens.shape[0], count), tokens], dim=1)  # global rows: looked up by no one
 
 
-def _layer_type_masks(config: Any, embeds: torch.Tensor, token_mask: torch.Tensor, count: int) -> dict[str, Any]:
+def _layer_type_masks(config: Any) -> dict[str, None]:
     """What a model with sliding-window and global layers (ModernBERT) takes as `attention_mask`: one mask per
-    layer type. The LSG (global) layers read the call and get none; the sliding-window layers get transformers'
-    own windowed mask over [globals; tokens; padding], padding masked."""
-    from transformers.masking_utils import create_bidirectional_sliding_window_mask  # not in every 5.x release
-
-    keys = F.pad(token_mask, (count, 0), value=True)
-    sliding = create_bidirectional_sliding_window_mask(config=config, inputs_embeds=embeds, attention_mask=keys)
-    return {"full_attention": None, "sliding_attention": sliding}
+    layer type, all None, so that it builds none (a dense windowed mask would be (n, n)). The LSG (global) layers
+    and the sliding-window layers ("lsg_sliding", banded) both read their key mask from the call."""
+    return dict.fromkeys(config.layer_types)

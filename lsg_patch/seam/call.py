@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..attention import AttentionLayout, LSGMask
 
 CALL_KEYWORD = "lsg_call"
@@ -17,8 +19,11 @@ CALL_KEYWORD = "lsg_call"
 @dataclass(frozen=True)
 class LSGCall:
     """mask: the block masks of this forward (built once, shared by every layer); layout: the LSG key set;
-    num_tokens: the caller's token count, before global tokens and block padding (what outputs are cut to)."""
+    num_tokens: the caller's token count, before global tokens and block padding (what outputs are cut to);
+    token_mask: (batch, T) bool, the tokens that may be attended before mask_first_token, which only LSG layers
+    apply (the key mask of the sliding-window layers, which keep their own attention)."""
 
     mask: LSGMask
     layout: AttentionLayout
     num_tokens: int
+    token_mask: torch.Tensor

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..attention import RelativeBias, lsg_attention
 from .call import CALL_KEYWORD, LSGCall
+from .sliding import SLIDING_ATTENTION_NAME, sliding_attention_function
 
 ATTENTION_NAME = "lsg"
 _registration_lock = threading.Lock()
@@ -71,18 +72,20 @@ def lsg_mask_function(*args: Any, **kwargs: Any) -> Any:
 
 
 def register_with_transformers() -> None:
-    """Register the "lsg" attention and mask functions once; refuse if another function holds the key."""
+    """Register the "lsg" attention and mask functions and the "lsg_sliding" attention function once; refuse if
+    another function holds one of the keys."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     with _registration_lock:
-        for interface, function in ((AttentionInterface, lsg_attention_function),
-                                    (AttentionMaskInterface, lsg_mask_function)):
-            current = interface._global_mapping.get(ATTENTION_NAME)
+        for interface, name, function in ((AttentionInterface, ATTENTION_NAME, lsg_attention_function),
+                                          (AttentionMaskInterface, ATTENTION_NAME, lsg_mask_function),
+                                          (AttentionInterface, SLIDING_ATTENTION_NAME, sliding_attention_function)):
+            current = interface._global_mapping.get(name)
             if current is None:
-                interface.register(ATTENTION_NAME, function)
+                interface.register(name, function)
             elif current is not function:
                 raise RuntimeError(
-                    f"transformers' {interface.__name__} already holds another function under {ATTENTION_NAME!r} "
+                    f"transformers' {interface.__name__} already holds another function under {name!r} "
                     f"({current!r}); lsg_patch never replaces a registered attention implementation"
                 )
