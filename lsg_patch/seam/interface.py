@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..attention import RelativeBias, lsg_attention
+from ..attention.grouped import grouped_full_attention
 from .call import CALL_KEYWORD, LSGCall
 from .sliding import SLIDING_ATTENTION_NAME, sliding_attention_function
 
@@ -31,7 +32,8 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """LSG attention of one converted module; (batch, n, heads, d) out and no attention weights.
 
-    Keys with fewer heads than the queries (grouped-query attention) are repeated to the query heads. A
+    Keys with fewer heads than the queries (grouped-query attention) are shared by SDPA on the full-attention
+    path (at most two blocks) and repeated to the query heads on the block path. A
     `position_bias` keyword (T5) must be a RelativeBias, applied inside every key set: a dense (n, n) bias
     cannot be, and would cost the memory LSG saves.
     """
@@ -47,9 +49,6 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
             f"LSG attention got {query.shape[-2]} queries but {key.shape[-2]} keys: it keeps no key/value cache; "
             "call the model (and generate) with use_cache=False"
         )
-    if key.shape[1] != query.shape[1]:
-        repeats = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
     bias = kwargs.get("position_bias")
     if bias is not None and not isinstance(bias, RelativeBias):
         raise ValueError(
@@ -57,6 +56,14 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
             "attention, which applies relative position biases inside its key sets from a RelativeBias (the family "
             "hooks pass one to the layer that owns the bias table): call the whole model or its encoder"
         )
+    if key.shape[1] != query.shape[1]:
+        if call.mask.index is None and bias is None:  # full-attention path: SDPA shares the key heads
+            output = grouped_full_attention(query, key, value, call.mask, call.layout.num_global_tokens,
+                                            causal=bool(getattr(module, "is_causal", False)), dropout_p=dropout,
+                                            scale=scaling)
+            return output.transpose(1, 2), None
+        repeats = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
     output = lsg_attention(
         query, key, value, call.mask, call.layout, dropout_p=dropout, causal=bool(getattr(module, "is_causal", False)),
         scale=scaling, lsh_seed=module.config.lsh_seed, bias=bias,
