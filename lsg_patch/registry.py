@@ -31,8 +31,9 @@ class ArchitectureEntry:
     to grow. position_embeddings names the table (None for the kinds without one).
     position_offset: leading rows of the position table that are not positions (2 for RoBERTa and BART).
     tied_position_tables: other tables that share max_position_embeddings and grow with the main one.
-    keep_sliding_window_layers: attention modules with a `sliding_window` keep their own (dense, windowed)
-    attention and LSG runs in the others (ModernBERT's global layers).
+    keep_sliding_window_layers: attention modules with a `sliding_window` keep their own windowed attention
+    (run as "lsg_sliding": banded, linear in length, over [globals; tokens]) and LSG runs in the others
+    (ModernBERT's global layers).
     """
 
     adapter: type[FamilyAdapter] | str
@@ -256,7 +257,8 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
         keep_sliding_window_layers=True,
         heads=(*_ENCODER_HEADS, "ForQuestionAnswering", "ForMultipleChoice"),
         description=_ROTARY_ENCODER_NOTE + "; LSG in the global-attention layers, the sliding-window layers keep "
-        "their own windowed attention (over [globals; tokens], padding masked)",
+        "their own window (over [globals; tokens], padding masked), computed banded in linear memory, never as a "
+        "dense (n, n) mask",
     ),  # fmt: skip
     "t5": _T5_LIKE,
     "mt5": _T5_LIKE,

@@ -58,6 +58,7 @@ class _Plan:
     position_weights: dict[str, torch.Tensor]
     global_table: nn.Embedding | None
     attention_modules: list[nn.Module] = field(default_factory=list)
+    sliding_modules: list[nn.Module] = field(default_factory=list)  # keep_sliding_window_layers: run "lsg_sliding"
     record: PatchRecord | None = None
 
 
@@ -156,7 +157,7 @@ def _plan(
             random_global_init, seed,
         )  # fmt: skip
 
-    attention = _attention_modules(model_type, entry, base)
+    attention, sliding = _attention_modules(model_type, entry, base)
 
     previous: PatchRecord | None = getattr(base, "_lsg_patch", None)
     rows = get_submodule(base, entry.position_embeddings).weight.shape[0] if entry.has_position_table else None
@@ -170,7 +171,7 @@ def _plan(
             else getattr(model.config, "max_position_embeddings", None)  # T5 configs have none
         ),
     )
-    return _Plan(base, entry, adapter, lsg, max_length, position_weights, global_table, attention, record)
+    return _Plan(base, entry, adapter, lsg, max_length, position_weights, global_table, attention, sliding, record)
 
 
 def _grown_position_tables(model: nn.Module, base: nn.Module, entry: ArchitectureEntry, max_length: int
@@ -226,22 +227,22 @@ def attach_saved_lsg(model: nn.Module, lsg: LSGConfig) -> nn.Module:
         if not isinstance(max_length, int):
             raise ValueError(f"this {model_type} LSG config has no {MAX_LENGTH_KEY!r}: it was not saved by lsg_patch")
     global_table = _empty_global_table(get_submodule(base, entry.word_embeddings).weight, base.training)
-    attention = _attention_modules(model_type, entry, base)
+    attention, sliding = _attention_modules(model_type, entry, base)
     record = PatchRecord(model_type, lsg, max_length, None, None)
-    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table, attention, record), model.config)
+    _apply(_Plan(base, entry, adapter, lsg, max_length, {}, global_table, attention, sliding, record), model.config)
     return model
 
 
-def _attention_modules(model_type: str, entry: ArchitectureEntry, base: nn.Module) -> list[nn.Module]:
-    """The distinct self-attention modules to run "lsg" (layers that share one, as ALBERT's, count once).
+def _attention_modules(model_type: str, entry: ArchitectureEntry, base: nn.Module
+                       ) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The distinct self-attention modules to run "lsg" (layers that share one, as ALBERT's, count once), and
+    those to run "lsg_sliding" (under keep_sliding_window_layers, the ones with a `sliding_window`).
 
     Each must look its implementation up in transformers' AttentionInterface by its config: a module that does
     not would silently keep dense attention after the selection, so it is refused here, before any change.
     """
     seam.register_with_transformers()  # process-wide and idempotent; refuses a foreign "lsg" before any change
     modules = list({id(module): module for _, _, module in find_modules(base, entry.self_attention)}.values())
-    if entry.keep_sliding_window_layers:
-        modules = [module for module in modules if getattr(module, "sliding_window", None) is None]
     for module in modules:
         if not seam.routes_through_interface(module):
             origin = type(module).__module__
@@ -252,7 +253,8 @@ def _attention_modules(model_type: str, entry: ArchitectureEntry, base: nn.Modul
                 "_attn_implementation]), so LSG attention cannot run in it; lsg_patch supports attention modules "
                 "that do"
             )
-    return modules
+    windowed = [entry.keep_sliding_window_layers and getattr(m, "sliding_window", None) is not None for m in modules]
+    return [m for m, w in zip(modules, windowed) if not w], [m for m, w in zip(modules, windowed) if w]
 
 
 def _apply(plan: _Plan, config: Any) -> None:
@@ -271,14 +273,16 @@ def _apply(plan: _Plan, config: Any) -> None:
         setattr(get_submodule(base, entry.global_embeddings_parent), GLOBAL_EMBEDDINGS, plan.global_table)
     for index, module in enumerate(plan.attention_modules):
         seam.select(module, plan.lsg.layout, lsh_seed=index)
+    for module in plan.sliding_modules:
+        seam.select_sliding(module)
     plan.adapter.install_hooks(base, entry, plan.lsg, plan.max_length)
     for key, value in plan.lsg.config_entries(entry.encoder_decoder).items():
         setattr(config, key, value)
     setattr(config, LOAD_NOTE_KEY, LOAD_NOTE)
     base._lsg_patch = plan.record
     logger.info(
-        "converted %s to LSG: max_length %d, %d attention modules, %s",
-        type(base).__name__, plan.max_length, len(plan.attention_modules), plan.lsg,
+        "converted %s to LSG: max_length %d, %d attention modules (and %d sliding-window ones), %s",
+        type(base).__name__, plan.max_length, len(plan.attention_modules), len(plan.sliding_modules), plan.lsg,
     )  # fmt: skip
 
 

@@ -46,7 +46,7 @@ def lsg_key_mask(token_mask: torch.Tensor, globals_count: int, block_size: int, 
 
 
 def oracle_hidden(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                  causal: bool = True) -> torch.Tensor:
+                  causal: bool = True, mask_first_token: bool = False) -> torch.Tensor:
     base, g = plain.base_model, LSG["num_global_tokens"]
     globals_ = lsg_model.base_model.global_embeddings.weight[:g].detach()
     embeds = torch.cat([globals_.expand(ids.shape[0], -1, -1), base.get_input_embeddings()(ids)], dim=1)
@@ -56,8 +56,9 @@ def oracle_hidden(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch
         kwargs["position_ids"] = torch.cat([torch.zeros(1, g, dtype=torch.long), torch.arange(ids.shape[1])[None]], 1)
     if causal:
         kwargs["use_cache"] = False
-    lsg_mask = lsg_key_mask(mask.bool(), g, LSG["block_size"], causal)
-    if plain.config.model_type == "modernbert":  # its sliding-window layers keep transformers' windowed attention
+    lsg_tokens = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, 1:]], dim=1) if mask_first_token else mask
+    lsg_mask = lsg_key_mask(lsg_tokens.bool(), g, LSG["block_size"], causal)
+    if plain.config.model_type == "modernbert":  # its sliding-window layers: transformers' windowed mask, densely
         keys = torch.cat([torch.ones(ids.shape[0], g, dtype=torch.bool), mask.bool()], dim=1)
         sliding = create_bidirectional_sliding_window_mask(config=base.config, inputs_embeds=embeds, attention_mask=keys)
         lsg_mask = {"full_attention": lsg_mask, "sliding_attention": sliding}
@@ -67,16 +68,16 @@ def oracle_hidden(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch
     return tokens if causal else torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)  # pool_with_global
 
 
-def assert_matches_oracle(plain: torch.nn.Module, causal: bool, seed: int) -> None:
+def assert_matches_oracle(plain: torch.nn.Module, causal: bool, seed: int, mask_first_token: bool = False) -> None:
     """The LSG conversion of `plain` against the dense oracle, on a batch whose row 1 is padded."""
-    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)
+    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, mask_first_token=mask_first_token, **LSG)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 99, (2, LENGTH), generator=generator)
     mask = torch.ones(2, LENGTH, dtype=torch.long)
     mask[1, PADDED:] = 0
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        expected = oracle_hidden(plain, model, ids, mask, causal)
+        expected = oracle_hidden(plain, model, ids, mask, causal, mask_first_token)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1, :PADDED], expected[1, :PADDED], rtol=0, atol=1e-5)
 
@@ -85,6 +86,12 @@ def assert_matches_oracle(plain: torch.nn.Module, causal: bool, seed: int) -> No
 def test_lsg_matches_the_dense_oracle_on_a_padded_batch(model_type: str, causal: bool) -> None:
     plain = build(model_type, "Model", attn_implementation="sdpa")  # sdpa reads a 4-D bool mask as allowed keys
     assert_matches_oracle(plain, causal, seed=0)
+
+
+def test_modernbert_mask_first_token_masks_token_0_in_the_lsg_layers_only() -> None:
+    """mask_first_token is an LSG option: the sliding-window layers keep token 0 as a key, as before."""
+    assert_matches_oracle(build("modernbert", "Model", attn_implementation="sdpa"), causal=False, seed=1,
+                          mask_first_token=True)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])

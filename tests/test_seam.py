@@ -42,8 +42,8 @@ def test_self_attention_keeps_its_class_and_parameters_and_runs_lsg(model_type: 
     for (cls, parameters), module in zip(before, after):
         assert type(module) is cls
         assert all(p is parameters[n] for n, p in module.named_parameters())  # the very same tensors
-        kept = entry.keep_sliding_window_layers and getattr(module, "sliding_window", None) is not None
-        assert module.config._attn_implementation == (model.config._attn_implementation if kept else "lsg")
+        sliding = entry.keep_sliding_window_layers and getattr(module, "sliding_window", None) is not None
+        assert module.config._attn_implementation == ("lsg_sliding" if sliding else "lsg")
     assert seam.selected_modules(model)
     assert model.config._attn_implementation != "lsg"  # the model's own config is not switched
 
@@ -85,7 +85,7 @@ def test_unconverted_model_in_the_same_process_is_bit_identical() -> None:
     assert all(getattr(m, "config", other.config) is other.config for m in other.modules())
 
 
-@pytest.mark.parametrize("model_type", ["bert", "albert", "distilbert", "bart"])
+@pytest.mark.parametrize("model_type", ["bert", "albert", "distilbert", "bart", "modernbert"])
 def test_from_lsg_gives_back_the_previous_implementation(model_type: str) -> None:
     model = build(model_type, "Model")
     implementation = model.config._attn_implementation
@@ -190,7 +190,7 @@ def test_every_type_really_runs_lsg(model_type: str, head: str, monkeypatch: pyt
     model = build(model_type, head)
     config = model.config
     layers = getattr(config, "encoder_layers", None) or getattr(config, "n_layers", None) or config.num_hidden_layers
-    if lsg_patch.supported_architectures()[model_type].keep_sliding_window_layers:  # LSG in the global layers only
+    if lsg_patch.supported_architectures()[model_type].keep_sliding_window_layers:  # the others run "lsg_sliding"
         layers = config.layer_types.count("full_attention")
     monkeypatch.setattr(seam.interface, "lsg_attention_function", counting)  # registration sees its own function
     lsg_patch.to_lsg(model, max_length=MAX_LENGTH, **LSG)

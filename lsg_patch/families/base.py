@@ -108,10 +108,9 @@ def mask_first(token_mask: torch.Tensor) -> torch.Tensor:
 
 def build_call(token_mask: torch.Tensor, num_tokens: int, lsg: "LSGConfig") -> LSGCall:
     """The per-call state of one forward: token_mask covers the block-padded tokens; mask_first_token is applied
-    here, to a copy."""
-    if lsg.mask_first_token:
-        token_mask = mask_first(token_mask)
-    return LSGCall(prepare_mask(token_mask, lsg.layout), lsg.layout, num_tokens)
+    to a copy, for the LSG layers."""
+    lsg_tokens = mask_first(token_mask) if lsg.mask_first_token else token_mask
+    return LSGCall(prepare_mask(lsg_tokens, lsg.layout), lsg.layout, num_tokens, token_mask)
 
 
 class LengthCheck(LSGHook):

@@ -11,6 +11,7 @@ positions; the encoder hook fills or reads the cache.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,7 +102,7 @@ class BertEncoderInput(LSGHook):
         if cache is not None:
             real = token_mask.sum(dim=1)
             cache.start(real, length, real + self.position_offset if following is None else following)
-        kwargs[CALL_KEYWORD] = LSGCall(call.mask, call.layout, length, row_order=row_order, cache=cache)
+        kwargs[CALL_KEYWORD] = replace(call, row_order=row_order, cache=cache)
         return (hidden, *args[1:]), kwargs
 
 

@@ -117,7 +117,7 @@ class StackInput(LSGHook):
         changes = {CALL_KEYWORD: call, "input_ids": None, "attention_mask": None, "inputs_embeds": embeds,
                    "position_ids": self._positions(given_positions, length, padding, embeds.device)}
         if self.keep_sliding_window_layers:
-            changes["attention_mask"] = _layer_type_masks(module.config, embeds, token_mask, count)
+            changes["attention_mask"] = _layer_type_masks(module.config)
         changes.update(cache_arguments(module, kwargs, cache))
         if token_types is not None:
             changes["token_type_ids"] = F.pad(token_types.expand(batch, -1), (count, padding))
@@ -155,12 +155,8 @@ class StackInput(LSGHook):
         return torch.cat([tokens.new_zeros(tokens.shape[0], count), tokens], dim=1)  # global rows: looked up by no one
 
 
-def _layer_type_masks(config: Any, embeds: torch.Tensor, token_mask: torch.Tensor, count: int) -> dict[str, Any]:
+def _layer_type_masks(config: Any) -> dict[str, None]:
     """What a model with sliding-window and global layers (ModernBERT) takes as `attention_mask`: one mask per
-    layer type. The LSG (global) layers read the call and get none; the sliding-window layers get transformers'
-    own windowed mask over [globals; tokens; padding], padding masked."""
-    from transformers.masking_utils import create_bidirectional_sliding_window_mask  # not in every 5.x release
-
-    keys = F.pad(token_mask, (count, 0), value=True)
-    sliding = create_bidirectional_sliding_window_mask(config=config, inputs_embeds=embeds, attention_mask=keys)
-    return {"full_attention": None, "sliding_attention": sliding}
+    layer type, all None, so that it builds none (a dense windowed mask would be (n, n)). The LSG (global) layers
+    and the sliding-window layers ("lsg_sliding", banded) both read their key mask from the call."""
+    return dict.fromkeys(config.layer_types)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+import torch
+
 from ..attention import AttentionLayout, LSGMask
 
 if TYPE_CHECKING:
@@ -23,7 +25,9 @@ CALL_KEYWORD = "lsg_call"
 @dataclass(frozen=True)
 class LSGCall:
     """mask: the block masks of this forward (built once, shared by every layer); layout: the LSG key set;
-    num_tokens: the caller's token count, before global tokens and block padding (what outputs are cut to).
+    num_tokens: the caller's token count, before global tokens and block padding (what outputs are cut to);
+    token_mask: (batch, T) bool, the tokens that may be attended before mask_first_token, which only LSG layers
+    apply (the key mask of the sliding-window layers, which keep their own attention); None after a cached prompt.
 
     Causal stacks only: row_order (batch, T), where a row's tokens were moved so that its padding follows its
     real tokens (None: not moved); cache: the LSGCache this call fills (a prompt) or reads (new tokens);
@@ -34,6 +38,7 @@ class LSGCall:
     mask: LSGMask | None
     layout: AttentionLayout
     num_tokens: int
+    token_mask: torch.Tensor | None = None
     row_order: torch.Tensor | None = None
     cache: "LSGCache | None" = None
     new_positions: torch.Tensor | None = None

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from ..attention import RelativeBias, lsg_attention
+from ..attention.grouped import grouped_full_attention
 from .call import CALL_KEYWORD, LSGCall
+from .sliding import SLIDING_ATTENTION_NAME, sliding_attention_function
 
 ATTENTION_NAME = "lsg"
 _registration_lock = threading.Lock()
@@ -30,7 +32,8 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """LSG attention of one converted module; (batch, n, heads, d) out and no attention weights.
 
-    Keys with fewer heads than the queries (grouped-query attention) are repeated to the query heads. A
+    Keys with fewer heads than the queries (grouped-query attention) are shared by SDPA on the full-attention
+    path (at most two blocks) and repeated to the query heads on the block path. A
     `position_bias` keyword (T5) must be a RelativeBias, applied inside every key set: a dense (n, n) bias
     cannot be, and would cost the memory LSG saves. With an LSGCache in the call (causal stacks), a prompt also
     stores what later tokens can read, and a call after the prompt attends through the cache.
@@ -48,13 +51,6 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
             f"LSG attention got {query.shape[-2]} queries but {key.shape[-2]} keys from a cache that is not an "
             "LSGCache: causal LSG models keep their own (see lsg_patch.LSGCache); pass none, or use_cache=False"
         )
-    repeats = query.shape[1] // key.shape[1]
-    lsh_seed = module.config.lsh_seed
-    if call.continues:
-        output = cache.attend(module.layer_idx, query, key, value, repeats, call.new_positions, call.step_masks,
-                              _scale(query, scaling), dropout, lsh_seed)
-        return output.transpose(1, 2), None
-    keys, values = (key, value) if repeats == 1 else (x.repeat_interleave(repeats, dim=1) for x in (key, value))
     bias = kwargs.get("position_bias")
     if bias is not None and not isinstance(bias, RelativeBias):
         raise ValueError(
@@ -62,11 +58,20 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
             "attention, which applies relative position biases inside its key sets from a RelativeBias (the family "
             "hooks pass one to the layer that owns the bias table): call the whole model or its encoder"
         )
-    output = lsg_attention(
-        query, keys, values, call.mask, call.layout, dropout_p=dropout, causal=bool(getattr(module, "is_causal", False)),
-        scale=scaling, lsh_seed=lsh_seed, bias=bias,
-    )  # fmt: skip
-    if cache is not None:
+    repeats = query.shape[1] // key.shape[1]
+    lsh_seed = module.config.lsh_seed
+    causal = bool(getattr(module, "is_causal", False))
+    if call.continues:
+        output = cache.attend(module.layer_idx, query, key, value, repeats, call.new_positions, call.step_masks,
+                              _scale(query, scaling), dropout, lsh_seed)
+    elif repeats > 1 and call.mask.index is None and bias is None:  # full-attention path: SDPA shares key heads
+        output = grouped_full_attention(query, key, value, call.mask, call.layout.num_global_tokens, causal=causal,
+                                        dropout_p=dropout, scale=scaling)
+    else:
+        keys, values = (key, value) if repeats == 1 else (x.repeat_interleave(repeats, dim=1) for x in (key, value))
+        output = lsg_attention(query, keys, values, call.mask, call.layout, dropout_p=dropout, causal=causal,
+                               scale=scaling, lsh_seed=lsh_seed, bias=bias)
+    if cache is not None and not call.continues:
         cache.store_prompt(module.layer_idx, query, key, value, repeats, call.mask.tokens, _scale(query, scaling),
                            lsh_seed)
     return output.transpose(1, 2), None
@@ -84,18 +89,20 @@ def lsg_mask_function(*args: Any, **kwargs: Any) -> Any:
 
 
 def register_with_transformers() -> None:
-    """Register the "lsg" attention and mask functions once; refuse if another function holds the key."""
+    """Register the "lsg" attention and mask functions and the "lsg_sliding" attention function once; refuse if
+    another function holds one of the keys."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     with _registration_lock:
-        for interface, function in ((AttentionInterface, lsg_attention_function),
-                                    (AttentionMaskInterface, lsg_mask_function)):
-            current = interface._global_mapping.get(ATTENTION_NAME)
+        for interface, name, function in ((AttentionInterface, ATTENTION_NAME, lsg_attention_function),
+                                          (AttentionMaskInterface, ATTENTION_NAME, lsg_mask_function),
+                                          (AttentionInterface, SLIDING_ATTENTION_NAME, sliding_attention_function)):
+            current = interface._global_mapping.get(name)
             if current is None:
-                interface.register(ATTENTION_NAME, function)
+                interface.register(name, function)
             elif current is not function:
                 raise RuntimeError(
-                    f"transformers' {interface.__name__} already holds another function under {ATTENTION_NAME!r} "
+                    f"transformers' {interface.__name__} already holds another function under {name!r} "
                     f"({current!r}); lsg_patch never replaces a registered attention implementation"
                 )

@@ -2,8 +2,9 @@
 
 transformers' attention modules look their implementation up in `self.config._attn_implementation`, and
 the config object is shared by every module of a model (cross-attention and decoders included). A converted
-module therefore gets a view of the model's config (`SelectedConfig`) that answers "lsg" for the attention
-implementation and reads everything else from the model's config, which stays unchanged: other modules keep
+module therefore gets a view of the model's config (`SelectedConfig`) that answers "lsg" (or "lsg_sliding" for
+the sliding-window layers of a model that keeps them, see `seam.sliding`) for the attention implementation and
+reads everything else from the model's config, which stays unchanged: other modules keep
 their implementation bit for bit, later changes to the model's config still reach the converted modules, and
 `deselect` hands back the original config object. `print(model)` shows which modules run LSG and how.
 """
@@ -17,22 +18,24 @@ from torch import nn
 
 from ..attention import AttentionLayout
 from .interface import ATTENTION_NAME
+from .sliding import SLIDING_ATTENTION_NAME
 
 _ORIGINAL = "_lsg_original"
 
 
 class SelectedConfig:
-    """A converted attention module's `config`: the model's config, with "lsg" as attention implementation.
+    """A converted attention module's `config`: the model's config, with "lsg" (or "lsg_sliding") as attention
+    implementation.
 
-    lsh_seed: the seed of this module's lsh hyperplanes (its position among the converted modules), so that
-    layers hash differently, and each the same way on every call.
+    lsh_seed: the seed of an LSG module's lsh hyperplanes (its position among the converted modules), so that
+    layers hash differently, and each the same way on every call; sliding-window modules have none.
     """
 
-    _attn_implementation = ATTENTION_NAME
-
-    def __init__(self, original: Any, lsh_seed: int) -> None:
+    def __init__(self, original: Any, lsh_seed: int | None, implementation: str = ATTENTION_NAME) -> None:
         self.__dict__[_ORIGINAL] = original
-        self.__dict__["lsh_seed"] = lsh_seed
+        self.__dict__["_attn_implementation"] = implementation
+        if lsh_seed is not None:
+            self.__dict__["lsh_seed"] = lsh_seed
 
     def __getattr__(self, name: str) -> Any:
         original = self.__dict__.get(_ORIGINAL)
@@ -44,7 +47,7 @@ class SelectedConfig:
         setattr(self.__dict__[_ORIGINAL], name, value)
 
     def __repr__(self) -> str:
-        return f"SelectedConfig({ATTENTION_NAME!r} over {type(self.__dict__[_ORIGINAL]).__name__})"
+        return f"SelectedConfig({self._attn_implementation!r} over {type(self.__dict__[_ORIGINAL]).__name__})"
 
 
 def routes_through_interface(module: nn.Module) -> bool:
@@ -80,6 +83,16 @@ def select(module: nn.Module, layout: AttentionLayout, lsh_seed: int) -> None:
         module.config = SelectedConfig(module.config, lsh_seed)
 
 
+def select_sliding(module: nn.Module) -> None:
+    """Make a sliding-window module run "lsg_sliding" (its own window, banded, over [globals; tokens]);
+    print(model) shows it with its window."""
+    own = type(module).extra_repr(module)
+    shown = f"attn_implementation={SLIDING_ATTENTION_NAME!r}, sliding_window={module.config.sliding_window}"
+    module.extra_repr = _LSGExtraRepr(", ".join(filter(None, [own, shown])))
+    if not is_selected(module):
+        module.config = SelectedConfig(module.config, None, SLIDING_ATTENTION_NAME)
+
+
 def deselect(module: nn.Module) -> None:
     """Give `module` back the model's config, and with it its previous implementation."""
     if is_selected(module):
@@ -92,5 +105,5 @@ def is_selected(module: nn.Module) -> bool:
 
 
 def selected_modules(root: nn.Module) -> list[nn.Module]:
-    """Every module below `root` that runs "lsg"."""
+    """Every module below `root` that runs "lsg" or "lsg_sliding"."""
     return [module for module in root.modules() if is_selected(module)]
