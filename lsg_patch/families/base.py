@@ -2,6 +2,7 @@
 recovery, block padding, building the per-call state, length check)."""
 from __future__ import annotations
 
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
@@ -70,8 +71,21 @@ def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.
     return allowed.expand(batch, length).to(device)
 
 
+def forward_parameters(module: nn.Module) -> tuple[str, ...]:
+    """The names of `module.forward`'s parameters, in order (looked up once per forward function: hooks ask on
+    every call, and a generated token is a call)."""
+    forward = module.forward
+    return _parameters(getattr(forward, "__func__", forward), hasattr(forward, "__func__"))
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(function: Any, bound: bool) -> tuple[str, ...]:
+    names = tuple(inspect.signature(function).parameters)
+    return names[1:] if bound else names  # a bound method's signature has no self
+
+
 def _position(module: nn.Module, name: str) -> int:
-    return list(inspect.signature(module.forward).parameters).index(name)
+    return forward_parameters(module).index(name)
 
 
 def get_argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:

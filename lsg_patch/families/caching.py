@@ -7,14 +7,13 @@ row's block partition never depends on its padding.
 """
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..seam.cache import LSGCache
-from .base import get_argument
+from .base import forward_parameters, get_argument
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -31,7 +30,7 @@ def cache_keyword(accepts: Any) -> str | None:
 def given_cache(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     """The cache a call passed, under either name (5.24 still accepts the deprecated one), or by position."""
     given = kwargs.get("cache", kwargs.get("past_key_values"))
-    name = cache_keyword(inspect.signature(module.forward).parameters)
+    name = cache_keyword(forward_parameters(module))
     if given is None and name:
         given = get_argument(module, args, kwargs, name)
     return given
@@ -41,7 +40,7 @@ def resolve_cache(module: nn.Module, args: tuple, kwargs: dict, lsg: "LSGConfig"
     """The LSGCache this call fills or reads, or None when it asks for no cache (use_cache, or the model config's
     default, as transformers reads it)."""
     given = given_cache(module, args, kwargs)
-    accepts = inspect.signature(module.forward).parameters
+    accepts = forward_parameters(module)
     use_cache = get_argument(module, args, kwargs, "use_cache") if "use_cache" in accepts else None
     if not causal:
         if use_cache or given is not None:
@@ -67,7 +66,7 @@ def resolve_cache(module: nn.Module, args: tuple, kwargs: dict, lsg: "LSGConfig"
 def cache_arguments(module: nn.Module, kwargs: dict, cache: LSGCache | None) -> dict[str, Any]:
     """use_cache and the cache, under the forward's own name for it; a caller's other (deprecated) name for it is
     dropped from kwargs, so the model never sees two."""
-    accepts = inspect.signature(module.forward).parameters
+    accepts = forward_parameters(module)
     changes: dict[str, Any] = {}
     if "use_cache" in accepts:
         changes["use_cache"] = cache is not None

@@ -25,7 +25,6 @@ moved rows go back to the caller's order.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,8 @@ from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
 from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
-                   build_call, get_argument, set_argument, tables_see_globals, token_mask_from, with_global_rows)
+                   build_call, forward_parameters, get_argument, set_argument, tables_see_globals, token_mask_from,
+                   with_global_rows)
 from .caching import (cache_arguments, new_tokens_are_real, next_positions, padding_last, resolve_cache,
                       take_rows)
 
@@ -95,7 +95,7 @@ class StackInput(LSGHook):
                 shape: torch.Size) -> dict[str, Any]:
         """A whole input (or a prompt that starts a cache): [globals; tokens; padding] and the per-call state."""
         batch, length = shape
-        accepts = inspect.signature(module.forward).parameters
+        accepts = forward_parameters(module)
         token_mask = token_mask_from(get_argument(module, args, kwargs, "attention_mask"), batch, length, embeds.device)
         given_positions = get_argument(module, args, kwargs, "position_ids")
         token_types = get_argument(module, args, kwargs, "token_type_ids") if "token_type_ids" in accepts else None

@@ -20,24 +20,29 @@ from transformers.cache_utils import Cache
 
 from ..attention.cached import BlockItems, block_items, decode_key_mask, item_ring_size, token_slot_positions
 from ..attention.layout import AttentionLayout
-from ..attention.sparse import sparse_step
+from ..attention.sparse import sparse_kind, sparse_step
 
 NOT_CROPPABLE = ("an LSGCache cannot drop tokens (crop): its sparse items summarise whole blocks; generate without "
                  "assisted or speculative decoding, or with use_cache=False")
 
 
+# Sparsity kinds whose items depend on the keys alone: query heads that share a key head share its items.
+_KEY_HEAD_ITEMS = frozenset({"norm", "pooling", "raw", "none"})
+
+
 @dataclass
 class LayerState:
-    """One layer's cache. Token slots hold the key heads (grouped-query attention keeps its fewer heads); items are
-    computed per query head (their lsh planes and bos_pooling scores are per query head), as the product does."""
+    """One layer's cache. Token slots hold the key heads (grouped-query attention keeps its fewer heads); items too
+    where they depend on the keys alone (norm, pooling), else one per query head (lsh planes, bos_pooling scores and
+    stride patterns are per query head), as the product computes them."""
 
     global_keys: torch.Tensor  # (batch, kv heads, G, d)
     global_values: torch.Tensor
     token_keys: torch.Tensor  # (batch, kv heads, 2 * bs, d): token p in slot p mod 2 * bs
     token_values: torch.Tensor
-    item_keys: torch.Tensor  # (batch, heads, sbs + step, d): item j in slot j mod (sbs + step)
+    item_keys: torch.Tensor  # (batch, item heads, sbs + step, d): item j in slot j mod (sbs + step)
     item_values: torch.Tensor
-    item_mask: torch.Tensor  # (batch, heads, sbs + step) bool
+    item_mask: torch.Tensor  # (batch, item heads, sbs + step) bool
     query_first: torch.Tensor  # (batch, heads, d): the query of token 0 (bos_pooling)
 
     def tensors(self) -> list[str]:
@@ -57,6 +62,7 @@ class LSGCache(Cache):
         super().__init__(layers=[])
         self.layout = layout
         self.mask_first_token = mask_first_token
+        self.items_per_key_head = sparse_kind(layout) in _KEY_HEAD_ITEMS
         self.states: dict[int, LayerState] = {}
         self.lengths: torch.Tensor | None = None  # (batch,) real tokens per row, on the CPU
         self.next_positions: torch.Tensor | None = None  # (batch,) position id of each row's next token, CPU
@@ -165,13 +171,14 @@ class LSGCache(Cache):
         query_first = query[:, :, g]
         ring = item_ring_size(layout)
         whole = (key.shape[2] - g) // bs * bs
-        keys = query.new_zeros(*query.shape[:2], ring, query.shape[-1])
-        values, allowed = keys.clone(), torch.zeros(*query.shape[:2], ring, dtype=torch.bool, device=device)
+        heads = key.shape[1] if self.items_per_key_head else query.shape[1]
+        keys = query.new_zeros(query.shape[0], heads, ring, query.shape[-1])
+        values, allowed = keys.clone(), torch.zeros(query.shape[0], heads, ring, dtype=torch.bool, device=device)
         if ring and whole:  # else nothing is written yet: the item ring starts empty
             items = self._items(query_first, key[:, :, g : g + whole], value[:, :, g : g + whole], repeats,
                                 token_mask[:, :whole], scale, lsh_seed)
             kept = token_slot_positions(self.lengths // bs * sparse_step(layout) - 1, ring)
-            take = kept.clamp(min=0).to(device)[:, None].expand(-1, query.shape[1], -1)
+            take = kept.clamp(min=0).to(device)[:, None].expand(-1, heads, -1)
             keys, values = (x.gather(2, take[..., None].expand(-1, -1, -1, x.shape[-1]))
                             for x in (items.keys, items.values))
             allowed = items.mask.gather(2, take) & (kept >= 0).to(device)[:, None]
@@ -192,15 +199,25 @@ class LSGCache(Cache):
             slot = (positions[:, j] % (2 * bs)).to(query.device)
             state.token_keys[rows, :, slot] = key[:, :, j]
             state.token_values[rows, :, slot] = value[:, :, j]
-            keys, values = (torch.cat([torch.cat([glob, tok], dim=2).repeat_interleave(repeats, dim=1), items], dim=2)
-                            for glob, tok, items in ((state.global_keys, state.token_keys, state.item_keys),
-                                                     (state.global_values, state.token_values, state.item_values)))
-            allowed = masks[j] & F.pad(state.item_mask, (keys.shape[2] - state.item_mask.shape[2], 0), value=True)
+            keys, values = (self._key_set(*parts, repeats) for parts in (
+                (state.global_keys, state.token_keys, state.item_keys),
+                (state.global_values, state.token_values, state.item_values)))
+            item_mask = state.item_mask if state.item_mask.shape[1] == query.shape[1] else \
+                state.item_mask.repeat_interleave(repeats, dim=1)
+            allowed = masks[j] & F.pad(item_mask, (keys.shape[2] - item_mask.shape[2], 0), value=True)
             outputs.append(F.scaled_dot_product_attention(query[:, :, j : j + 1], keys, values,
                                                           attn_mask=allowed[:, :, None], dropout_p=dropout,
-                                                          scale=scale))
+                                                          scale=scale, enable_gqa=keys.shape[1] != query.shape[1]))
             self._complete_blocks(state, positions[:, j], repeats, scale, lsh_seed)
         return torch.cat(outputs, dim=2)
+
+    def _key_set(self, globals_: torch.Tensor, tokens: torch.Tensor, items: torch.Tensor, repeats: int
+                 ) -> torch.Tensor:
+        """[globals; token slots; item slots]: per key head where the items are (SDPA shares each with its query
+        heads), else per query head (key heads repeated)."""
+        if self.items_per_key_head:
+            return torch.cat([globals_, tokens, items], dim=2)
+        return torch.cat([torch.cat([globals_, tokens], dim=2).repeat_interleave(repeats, dim=1), items], dim=2)
 
     def _complete_blocks(self, state: LayerState, positions: torch.Tensor, repeats: int, scale: float,
                          lsh_seed: int) -> None:
@@ -228,5 +245,8 @@ class LSGCache(Cache):
 
     def _items(self, query_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, repeats: int,
                token_mask: torch.Tensor, scale: float, lsh_seed: int) -> BlockItems:
-        keys, values = (x.repeat_interleave(repeats, dim=1) for x in (keys, values))
+        """Items of whole blocks of key-head tokens: per key head where they depend on the keys alone, else per
+        query head (keys repeated, as the product sees them)."""
+        if not self.items_per_key_head:
+            keys, values = (x.repeat_interleave(repeats, dim=1) for x in (keys, values))
         return block_items(query_first, keys, values, token_mask, self.layout, scale, lsh_seed)
