@@ -204,7 +204,7 @@ _T5_LIKE = ArchitectureEntry(
            "ForQuestionAnswering"),
 )
 _REGISTRY: dict[str, ArchitectureEntry] = {
-    "bert": bert_like_entry(0, True, "encoder self-attention (LMHeadModel, is_decoder=True: causal, no key/value cache); "
+    "bert": bert_like_entry(0, True, "encoder self-attention (LMHeadModel, is_decoder=True: causal, with the LSGCache); "
                        "learned positions tiled", _BERT_CLASS_HEADS),
     "roberta": _ROBERTA_LIKE,
     "camembert": _ROBERTA_LIKE,

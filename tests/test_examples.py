@@ -29,7 +29,7 @@ def run_example(name: str, *argv: str):
 def test_every_example_is_covered():
     scripts = {path.stem for path in EXAMPLES.glob("*.py") if not path.stem.startswith("_")}
     assert scripts == {"classify_long_document", "fill_mask", "summarize_bart", "train_global_tokens",
-                       "convert_save_reload", "finetune_long"}  # finetune_long runs in tests/test_quality.py
+                       "convert_save_reload", "finetune_long", "generate_long"}  # finetune_long runs in tests/test_quality.py
     assert [path.name for path in EXAMPLES.glob("*.ipynb")] == ["getting_started.ipynb"]
 
 
@@ -95,3 +95,10 @@ def test_getting_started_notebook(tmp_path, monkeypatch):
     assert any("image/png" in output.get("data", {}) for cell in notebook.cells if cell.cell_type == "code"
                for output in cell.outputs)
     assert "is LSG: False" in text
+
+
+def test_generate_long(capsys):
+    result = run_example("generate_long", "--tiny", "--new", "8")
+    assert result["tokens"].shape == (8,)
+    assert result["lsg_bytes"] < result["dense_bytes"] / 2  # 2048 tokens; the LSG cache holds about 450 rows
+    assert "LSGCache:" in capsys.readouterr().out
