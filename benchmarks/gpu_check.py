@@ -10,10 +10,13 @@
    * the attention product against the dense float64 CPU oracle (tests/oracle.py) for every sparsity type,
      causal and not, on a padded batch, in every dtype; and its float32 gradients against float64 autograd
      through the oracle;
-   * the backend `backend_for` picks for the device ("portable" everywhere but the CPU).
+   * the backend `backend_for` picks for the device ("portable" everywhere but the CPU);
+   * causal generation with the LSGCache: the logits of 20 tokens fed one by one after a cached prompt against
+     the uncached forward over the whole sequence, for three sparsity types, float32.
 2. Time (median of 5 runs after 2 warm-ups) and peak memory (CUDA) of `lsg_attention` (auto backend) against
-   dense `scaled_dot_product_attention` on the same tensors, forward and forward+backward; without --quick also
-   a BERT-base model converted with `to_lsg` against the same shape with sdpa, forward only.
+   dense `scaled_dot_product_attention` on the same tensors, forward and forward+backward; the time per generated
+   token after a long prompt, LSGCache against transformers' dense cache (SDPA); without --quick also a BERT-base
+   model converted with `to_lsg` against the same shape with sdpa, forward only.
 3. A markdown report (--out: date, device, versions, command, both tables), also printed at the end.
 
 fp16 is left out on the CPU. A CPU run without --quick uses the GPU sizes (up to 32768 tokens): it takes long.
@@ -53,6 +56,8 @@ from lsg_patch.attention.backends import BACKEND_VARIABLE, backend_for, requeste
 SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling", "lsh")
 GOLDEN_ATOL = 1e-5  # tests/test_golden.py
 PRODUCT_ATOL = 1e-4  # float32 against float64: observed <= 2e-6 on the CPU
+CACHE_ATOL = 1e-4  # float32 cached steps against the uncached forward: observed <= 5e-6 on the CPU
+CACHE_TYPES = ("pooling", "lsh", "bos_pooling")  # norm can flip between keys of equal norm in float32
 SELECTION_RTOL = 1e-1  # low-precision golden cases that pick keys by norm (see `golden_tolerance`)
 WARMUP, RUNS = 2, 5
 MODES = ("forward", "train")
@@ -406,9 +411,72 @@ def timing_rows(device: torch.device, quick: bool) -> list[Timing]:
             configs.insert(1, (4096, torch.float32))
     torch.manual_seed(0)
     rows = [row for tokens, dtype in configs for row in attention_rows(device, tokens, dtype, heads, head_dim)]
+    rows += generation_rows(device, 512 if quick else 16384)
     if not quick:
         rows += model_rows(device, main_dtype, (4096, 16384))
     return rows
+
+
+def decoder(device: torch.device, lsg: dict | None, hidden: int = 64, layers: int = 2) -> torch.nn.Module:
+    """A Llama with random weights (2 key/value heads for 4 query heads), converted with `lsg` unless None."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=32000,
+                         max_position_embeddings=40000, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    if lsg is not None:
+        model = lsg_patch.to_lsg(model, max_length=36000, **lsg)
+    return model.to(device)
+
+
+def returned_cache(output: Any) -> Any:
+    found = getattr(output, "cache", None)
+    return found if found is not None else output.past_key_values
+
+
+def cache_checks(device: torch.device, checks: list[Check]) -> None:
+    for kind in CACHE_TYPES:
+        record(checks, f"cached generation {kind}", torch.float32, lambda kind=kind: cache_error(kind, device))
+
+
+def cache_error(kind: str, device: torch.device) -> tuple[str, float, float]:
+    """Largest logit difference between a 45-token prompt and 19 cached steps after it and the uncached forward."""
+    model = decoder(device, dict(block_size=8, sparse_block_size=8, sparsity_factor=2, sparsity_type=kind,
+                                 num_global_tokens=2))
+    ids = torch.randint(5, 32000, (1, 65), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits[:, 44:64]
+        output = model(ids[:, :45], use_cache=True)
+        cache, got = returned_cache(output), [output.logits[:, -1:]]
+        for j in range(45, 64):
+            got.append(model(ids[:, j : j + 1], past_key_values=cache).logits)
+    return "max abs", max_abs_error(torch.cat(got, dim=1), expected), CACHE_ATOL
+
+
+def generation_rows(device: torch.device, tokens: int) -> list[Timing]:
+    """Time per generated token after a `tokens`-token prompt: LSG with its LSGCache (default layout, norm)
+    against the unconverted model with SDPA and transformers' dense cache; hidden 256, 4 layers, float32."""
+    ids = torch.randint(5, 32000, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    times = {}
+    for name, lsg in (("lsg", {}), ("dense", None)):
+        model = decoder(device, lsg, hidden=256, layers=4)
+        with torch.no_grad():
+            output = model(ids, use_cache=True)
+        state = {"cache": returned_cache(output), "token": output.logits[:, -1:].argmax(-1)}
+
+        def step(model: torch.nn.Module = model, state: dict = state) -> None:
+            with torch.no_grad():
+                output = model(state["token"], past_key_values=state["cache"], use_cache=True)
+            state["cache"], state["token"] = returned_cache(output), output.logits[:, -1:].argmax(-1)
+
+        times[name] = measure(step, device)
+        del model, state
+        release(device)
+    row = Timing("generation, per token after the prompt", tokens, "float32", "decode", times["lsg"], times["dense"])
+    print(row.line(), flush=True)
+    return [row]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -521,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     backend_checks(device, checks)
     golden_checks(device, dtypes, checks)
     product_checks(device, dtypes, checks)
+    cache_checks(device, checks)
     timings = timing_rows(device, args.quick)
     report = render(device, dtypes, args.quick, checks, timings, time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)

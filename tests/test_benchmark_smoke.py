@@ -35,6 +35,18 @@ def test_benchmark_script_runs_lsg_and_sdpa_on_a_toy_model(tmp_path: Path) -> No
     assert "lsg_patch 128/128 norm" in markdown and "full sdpa" in markdown
 
 
+@pytest.mark.slow
+def test_generation_benchmark_runs_and_reports_a_constant_cache(tmp_path: Path) -> None:
+    out = tmp_path / "generation.md"
+    command = [sys.executable, str(ROOT / "benchmarks" / "generation.py"), "--quick", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = out.read_text()
+    assert "| norm | 461,184 |" in report  # globals, 2 x 128 token slots (2 key heads), 192 items per key head
+    assert "900 tokens 461,184 bytes per layer" in report  # after 600 and 900 tokens: the same size
+    assert "ms per token" in report and "Log-log slope" in report
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("tokens", [256, 512, 1024, 4096])
 def test_useful_score_count_matches_the_product_key_index(name: str, tokens: int) -> None:
