@@ -190,6 +190,15 @@ def test_what_a_cache_cannot_do_is_refused() -> None:
         mask[1, -1] = 0
         with pytest.raises(ValueError, match="masks some of the new tokens"):
             model(ids[:, :1], attention_mask=mask, past_key_values=cache)
+        other = converted("gpt2", block_size=4)
+        with pytest.raises(ValueError, match="made for another LSG layout"):
+            other(ids[:, :1], past_key_values=cache)
+    short = converted("gpt2", max_length=4096)
+    with torch.no_grad(), pytest.raises(ValueError, match="take the sequence to 4097 tokens .* at most 4096"):
+        cache = cache_of(short(ids_of(1, 4090), use_cache=True))
+        for _ in range(6):
+            short(ids[:1, :1], past_key_values=cache)  # 4091 .. 4096 tokens: accepted
+        short(ids[:1, :1], past_key_values=cache)
     encoder = lsg_patch.to_lsg(build("modernbert", "Model"), max_length=128, block_size=8)  # in every 5.x
     with pytest.raises(ValueError, match="bidirectional LSG attention keeps no key/value cache"):
         encoder(ids_of(1, 30), past_key_values=DynamicCache())

@@ -25,7 +25,7 @@ from ..seam.cache import LSGCache
 from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument, set_argument,
                    token_mask_from)
 from .caching import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last, resolve_cache,
-                      take_rows)
+                      room_for, take_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -48,7 +48,7 @@ class BertFamily(FamilyAdapter):
         )
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         if causal:
-            DecoderRows(lsg, entry.position_offset).register_pre(base_model)
+            DecoderRows(lsg, max_length, entry.position_offset).register_pre(base_model)
         BertEncoderInput(global_rows, lsg, entry.position_offset).register_pre(encoder)
         OutputTrim(lsg.num_global_tokens, lsg.pool_with_global).register_post(encoder)
 
@@ -112,8 +112,9 @@ class DecoderRows(LSGHook):
     position ids of the tokens after a cached prompt (the count after each row's own real tokens, plus the table
     offset: 2 for RoBERTa-likes)."""
 
-    def __init__(self, lsg: "LSGConfig", position_offset: int) -> None:
+    def __init__(self, lsg: "LSGConfig", max_length: int, position_offset: int) -> None:
         self.lsg = lsg
+        self.max_length = max_length
         self.position_offset = position_offset
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -132,6 +133,7 @@ class DecoderRows(LSGHook):
         batch, length = reference.shape
         if cache is not None and cache.columns:
             new_tokens_are_real(module, args, kwargs, length)
+            room_for(cache, length, self.max_length)
             positions = cache.next_positions[:, None] + torch.arange(length)
             changes["position_ids"] = positions.to(reference.device)
         else:

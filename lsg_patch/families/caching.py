@@ -47,6 +47,9 @@ def resolve_cache(module: nn.Module, args: tuple, kwargs: dict, lsg: "LSGConfig"
             raise ValueError(NO_CACHE)
         return None
     if isinstance(given, LSGCache):
+        if (given.layout, given.mask_first_token) != (lsg.layout, lsg.mask_first_token):
+            raise ValueError(f"this LSGCache was made for another LSG layout ({given.layout}); this model runs "
+                             f"{lsg.layout}: pass its own cache, or none")
         return given
     if given is not None:
         seen = given.get_seq_length() if hasattr(given, "get_seq_length") else None
@@ -111,4 +114,15 @@ def new_tokens_are_real(module: nn.Module, args: tuple, kwargs: dict, new: int) 
             "the attention mask masks some of the new tokens of a call that continues an LSGCache; every token "
             "after the prompt must be real (padding belongs in the prompt, where lsg_patch moves it behind each "
             "row's tokens)"
+        )
+
+
+def room_for(cache: LSGCache, new: int, max_length: int) -> None:
+    """Refuse a call after a cached prompt that would take the sequence past max_length, as a whole input that
+    long would be refused (and a learned position table ends there)."""
+    if cache.columns + new > max_length:
+        raise ValueError(
+            f"this call would take the sequence to {cache.columns + new} tokens but this LSG model accepts at most "
+            f"{max_length} (the max_length it was converted with); generate fewer tokens or convert with a larger "
+            "max_length"
         )

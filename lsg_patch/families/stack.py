@@ -40,7 +40,7 @@ from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim,
                    build_call, forward_parameters, get_argument, set_argument, tables_see_globals, token_mask_from,
                    with_global_rows)
 from .caching import (cache_arguments, new_tokens_are_real, next_positions, padding_last, resolve_cache,
-                      take_rows)
+                      room_for, take_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -51,7 +51,8 @@ class StackFamily(FamilyAdapter):
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         table = get_submodule(base_model, entry.position_embeddings) if entry.has_position_table else None
         LengthCheck(max_length).register_pre(base_model)
-        StackInput(lsg, entry.position_kind, causal, table, entry.keep_sliding_window_layers).register_pre(base_model)
+        StackInput(lsg, max_length, entry.position_kind, causal, table, entry.keep_sliding_window_layers
+                   ).register_pre(base_model)
         OutputTrim(lsg.num_global_tokens, lsg.pool_with_global and not causal).register_post(base_model)
         if table is not None:
             TokenPositionsOnly(lsg.num_global_tokens).register_pre(table)
@@ -62,9 +63,10 @@ class StackInput(LSGHook):
     """Base-model pre-hook: inputs_embeds = [globals; tokens; padding], positions, and the per-call state; for causal
     stacks also the LSGCache, and the calls that continue a cached prompt."""
 
-    def __init__(self, lsg: "LSGConfig", position_kind: str, causal: bool, table: nn.Module | None = None,
-                 keep_sliding_window_layers: bool = False) -> None:
+    def __init__(self, lsg: "LSGConfig", max_length: int, position_kind: str, causal: bool,
+                 table: nn.Module | None = None, keep_sliding_window_layers: bool = False) -> None:
         self.lsg = lsg
+        self.max_length = max_length
         self.position_kind = position_kind
         self.causal = causal
         self.table = table
@@ -133,6 +135,7 @@ class StackInput(LSGHook):
             raise ValueError(f"this LSGCache holds {cache.batch_size} rows but the call has {batch}; pass the cache of "
                              "the same batch (or none, to start a new one)")
         new_tokens_are_real(module, args, kwargs, new)
+        room_for(cache, new, self.max_length)
         indices, positions = cache.advance(new)
         ids = positions.to(embeds.device) + (self.lsg.num_global_tokens if self.position_kind == "rotary" else 0)
         call = LSGCall(None, self.lsg.layout, new, cache=cache, new_positions=indices,
