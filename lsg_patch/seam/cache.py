@@ -94,6 +94,12 @@ class LSGCache(Cache):
         return False
 
     @property
+    def is_linear(self) -> list[bool]:
+        """No layer is linear attention. transformers' default reads its `layers` (none here), and generate skips
+        slicing a continued prompt to its uncached columns when every layer is linear, all([]) included."""
+        return [False] * max(len(self.states), 1)
+
+    @property
     def is_initialized(self) -> bool:
         return self.lengths is not None
 
