@@ -205,6 +205,10 @@ class LSGCache(Cache):
             slot = (positions[:, j] % (2 * bs)).to(query.device)
             state.token_keys[rows, :, slot] = key[:, :, j]
             state.token_values[rows, :, slot] = value[:, :, j]
+            first = positions[:, j] == 0  # a row whose prompt was all padding: its token 0 arrives only now
+            if bool(first.any()):  # out of place: query_first may be a view of the prompt's query
+                state.query_first = torch.where(first.to(query.device)[:, None, None], query[:, :, j],
+                                                state.query_first)
             keys, values = (self._key_set(*parts, repeats) for parts in (
                 (state.global_keys, state.token_keys, state.item_keys),
                 (state.global_values, state.token_values, state.item_values)))
