@@ -50,6 +50,8 @@ class BertFamily(FamilyAdapter):
         if causal:
             DecoderRows(lsg, max_length, entry.position_offset).register_pre(base_model)
         BertEncoderInput(global_rows, lsg, entry.position_offset).register_pre(encoder)
+        if causal and lsg.pool_with_global:  # before OutputTrim: it reads the global rows the trim drops
+            PooledFirstRow().register_post(encoder)
         OutputTrim(lsg.num_global_tokens, lsg.pool_with_global).register_post(encoder)
 
 
@@ -104,6 +106,28 @@ class BertEncoderInput(LSGHook):
             cache.start(real, length, real + self.position_offset if following is None else following)
         kwargs[CALL_KEYWORD] = replace(call, row_order=row_order, cache=cache)
         return (hidden, *args[1:]), kwargs
+
+
+class PooledFirstRow(LSGHook):
+    """Encoder post-hook of BERT-family decoders under pool_with_global, whose uncached output gives each row's
+    token 0 global token 0's output: a prompt keeps that row in its LSGCache, and a call after the prompt gives it
+    to the rows whose token 0 it feeds (rows whose prompt was all padding), as the uncached forward would."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        call = kwargs[CALL_KEYWORD]
+        if call.cache is None:
+            return None
+        if not call.continues:
+            call.cache.first_row = output[0][:, :1]
+            return None
+        first = call.new_positions == 0
+        if not bool(first.any()):
+            return None
+        hidden = torch.where(first.to(output[0].device)[..., None], call.cache.first_row, output[0])
+        if isinstance(output, tuple):  # return_dict=False
+            return (hidden, *output[1:])
+        output.last_hidden_state = hidden
+        return output
 
 
 class DecoderRows(LSGHook):

@@ -67,6 +67,9 @@ class LSGCache(Cache):
         self.lengths: torch.Tensor | None = None  # (batch,) real tokens per row, on the CPU
         self.next_positions: torch.Tensor | None = None  # (batch,) position id of each row's next token, CPU
         self.columns = 0  # input columns seen (padding included): what generate slices its inputs by
+        # (batch, 1, hidden) what each row's token 0 outputs under pool_with_global (BERT-family decoders: global
+        # token 0's output, which the prompt replaces it with); read when a row's token 0 comes after the prompt
+        self.first_row: torch.Tensor | None = None
 
     # what transformers asks of a cache
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
@@ -112,7 +115,7 @@ class LSGCache(Cache):
 
     def reset(self) -> None:
         self.states.clear()
-        self.lengths, self.next_positions, self.columns = None, None, 0
+        self.lengths, self.next_positions, self.columns, self.first_row = None, None, 0, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -123,6 +126,8 @@ class LSGCache(Cache):
         if self.lengths is not None:
             self.lengths, self.next_positions = (x.index_select(0, indices.cpu())
                                                  for x in (self.lengths, self.next_positions))
+        if self.first_row is not None:
+            self.first_row = self.first_row.index_select(0, indices.to(self.first_row.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for state in self.states.values():
@@ -130,6 +135,8 @@ class LSGCache(Cache):
         if self.lengths is not None:
             self.lengths, self.next_positions = (x.repeat_interleave(repeats, dim=0)
                                                  for x in (self.lengths, self.next_positions))
+        if self.first_row is not None:
+            self.first_row = self.first_row.repeat_interleave(repeats, dim=0)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -149,6 +156,7 @@ class LSGCache(Cache):
         position ids `next_positions` (all (batch,), any device)."""
         self.states.clear()
         self.lengths, self.columns, self.next_positions = lengths.cpu(), columns, next_positions.cpu()
+        self.first_row = None
 
     def advance(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A call of `new_tokens` columns after the prompt (all real): the (batch, new_tokens) CPU token indices
