@@ -53,10 +53,27 @@ class StackFamily(FamilyAdapter):
         LengthCheck(max_length).register_pre(base_model)
         StackInput(lsg, max_length, entry.position_kind, causal, table, entry.keep_sliding_window_layers
                    ).register_pre(base_model)
+        if table is not None and causal:
+            TablesSeeGlobalsAgain(table).register_always(base_model)
         OutputTrim(lsg.num_global_tokens, lsg.pool_with_global and not causal).register_post(base_model)
         if table is not None:
             TokenPositionsOnly(lsg.num_global_tokens).register_pre(table)
             NoPositionForGlobals(lsg.num_global_tokens).register_post(table)
+
+
+class TablesSeeGlobalsAgain(LSGHook):
+    """Base-model post-hook, run also when the call raises: clears the "no global rows" note a call after a cached
+    prompt left for its table. Left set, it names the table by id, and a table of another model (BART) that later
+    gets the same id once this model is freed would look up positions without its global rows."""
+
+    def __init__(self, table: nn.Module) -> None:
+        self.table = table
+
+    def register_always(self, module: nn.Module) -> None:
+        module.register_forward_hook(self, with_kwargs=True, always_call=True)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        tables_see_globals(self.table, True)
 
 
 class StackInput(LSGHook):
