@@ -263,3 +263,16 @@ def test_a_prompt_that_is_not_whole_blocks_without_adaptive_padding_is_refused_c
     model = converted("llama", adaptive=False)
     with torch.no_grad(), pytest.raises(ValueError, match="25 tokens is not a multiple of block_size=8"):
         model(ids_of(1, 25), use_cache=True)
+
+
+def test_prefill_in_chunks_is_exact_and_padding_past_the_first_chunk_is_refused() -> None:
+    """generate's prefill_chunk_size feeds the prompt as a cached prompt plus calls after it: exact when the first
+    chunk holds all the padding; else the later chunks mask tokens after the prompt, refused with a pointer to it."""
+    model = converted("llama", sparsity_type="norm")
+    ids = ids_of(2, 50, seed=1)
+    assert torch.equal(greedy(model, ids, 10, prefill_chunk_size=16), greedy(model, ids, 10, use_cache=False))
+    ids, mask = padded_batch([50, 20], 50, "left")
+    assert torch.equal(greedy(model, ids, 10, attention_mask=mask, prefill_chunk_size=32),
+                       greedy(model, ids, 10, attention_mask=mask, use_cache=False))
+    with pytest.raises(ValueError, match="masks some of the new tokens.*prefill_chunk_size"):
+        greedy(model, ids, 10, attention_mask=mask, prefill_chunk_size=16)

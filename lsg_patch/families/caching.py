@@ -113,7 +113,8 @@ def new_tokens_are_real(module: nn.Module, args: tuple, kwargs: dict, new: int) 
         raise ValueError(
             "the attention mask masks some of the new tokens of a call that continues an LSGCache; every token "
             "after the prompt must be real (padding belongs in the prompt, where lsg_patch moves it behind each "
-            "row's tokens)"
+            "row's tokens). With generate's prefill_chunk_size, a padded batch needs all its padding in the first "
+            "chunk: a larger chunk, or no chunking"
         )
 
 
