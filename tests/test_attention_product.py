@@ -249,27 +249,6 @@ def test_dropout_runs() -> None:
     assert not torch.allclose(out, run(case))
 
 
-def test_dropout_recomputed_in_backward_gives_the_gradient_of_the_sampled_forward(monkeypatch) -> None:
-    """With dropout the product recomputes the probabilities in the backward (checkpoint, same random state);
-    outputs and gradients must equal those of one plain autograd pass over the same dropout sample."""
-    from lsg_patch.attention import product
-
-    case = small_case("norm", requires_grad=True)
-    mask = case.mask()
-
-    def sampled(seed: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        torch.manual_seed(seed)
-        out = lsg_attention(case.query, case.key, case.value, mask, case.layout, dropout_p=0.3)
-        return out, torch.autograd.grad(out.square().sum(), (case.query, case.key, case.value))
-
-    out, grads = sampled(7)
-    monkeypatch.setattr(product, "checkpoint", lambda function, *args, **kwargs: function(*args))
-    expected, expected_grads = sampled(7)
-    assert torch.equal(out, expected)
-    for grad, want in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
-
-
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
 def test_lower_precision(dtype: torch.dtype, atol: float) -> None:
     case = small_case("bos_pooling", dtype)
