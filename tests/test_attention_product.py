@@ -76,8 +76,13 @@ def oracle(case: Case, causal: bool = False) -> torch.Tensor:
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_matches_oracle(kind: str, data: st.DataObject) -> None:
+    """Inference (the blocked kernel on the CPU) and a forward that will take gradients (the flash kernel)."""
     case = data.draw(cases(types=[kind]))
-    torch.testing.assert_close(run(case), oracle(case), atol=1e-10, rtol=1e-10)
+    expected = oracle(case)
+    torch.testing.assert_close(run(case), expected, atol=1e-10, rtol=1e-10)
+    training = Case(case.layout, *(x.clone().requires_grad_() for x in (case.query, case.key, case.value)),
+                    case.token_mask, case.scale)
+    torch.testing.assert_close(run(training).detach(), expected, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("kind", EXACT_TYPES)

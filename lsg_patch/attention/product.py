@@ -87,8 +87,7 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
                                                  query.dtype)
     plan = Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, h), _folded(side_scores, n, h),
                  None if causal or full_mask is None else _additive(full_mask, query.dtype), causal)
-    bias_gradient = bias is not None and bias.table.requires_grad and torch.is_grad_enabled()
-    if dropout_p > 0 or (bias_gradient and backend == "cpu_fused"):
+    if dropout_p > 0 or (backend == "cpu_fused" and _blocked_on_cpu(query, key, value, bias)):
         codes = None if dropout_p == 0 else dropout_codes(dropout_p, draw_seed(), n, h, layout, t, width, causal,
                                                           query.device)
         return BlockedAttention.apply(query, key, value, side_keys, side_values, plan.local_mask, plan.side_mask,
@@ -96,6 +95,17 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     if backend == "cpu_fused":
         return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
     return _portable_attention(query, key, value, side_keys, side_values, plan)
+
+
+def _blocked_on_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: RelativeBias | None) -> bool:
+    """Whether the CPU runs the blocked kernel rather than the flash one: for inference (the flash path's
+    per-layer copies of the windows and side keys would set the peak memory; the blocked kernel, as fast there,
+    holds a few blocks at a time) and for a bias table that trains (the flash backward has no bias gradient)."""
+    if not torch.is_grad_enabled():
+        return True
+    if bias is not None and bias.table.requires_grad:
+        return True
+    return not any(x.requires_grad for x in (query, key, value))
 
 
 def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
