@@ -11,9 +11,8 @@ the output, like a flash kernel. Public ops only, so every device can run it.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
-
 import math
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,8 @@ from torch.autograd.function import once_differentiable
 from .dropout import DropoutCodes, keep_mask
 from .plan import Plan
 
-CHUNK_SCORES = 1 << 19  # scores per chunk (2 MiB in float32): a chunk's working set stays in the caches
+CHUNK_SCORES = 1 << 19  # scores per chunk on the CPU (2 MiB in float32): a chunk's working set stays in the caches
+DEVICE_CHUNK_SCORES = 1 << 24  # elsewhere (GPUs): fewer, larger chunks, as kernel launches cost more than caches
 
 
 def rows_addressable(source: torch.Tensor) -> bool:
@@ -169,12 +169,14 @@ class _Grads(NamedTuple):
 
 
 def _chunks(query: torch.Tensor, plan: Plan) -> Iterator[_GlobalRows | _TokenBlocks]:
-    """The global query rows and the token blocks of every batch row, in chunks of about CHUNK_SCORES scores."""
+    """The global query rows and the token blocks of every batch row, in chunks of about CHUNK_SCORES scores (on
+    the CPU; DEVICE_CHUNK_SCORES elsewhere), at least one block or row of every head."""
     n, h, length, _ = query.shape
     g, bs = plan.num_global, plan.block_size
     blocks, keys = (length - g) // bs, plan.global_keys(length)
-    rows = max(1, CHUNK_SCORES // (h * keys))
-    per_chunk = max(1, CHUNK_SCORES // (h * bs * (plan.width + plan.side_count)))
+    scores = CHUNK_SCORES if query.device.type == "cpu" else DEVICE_CHUNK_SCORES
+    rows = max(1, scores // (h * keys))
+    per_chunk = max(1, scores // (h * bs * (plan.width + plan.side_count)))
     for batch in range(n):
         for start in range(0, g, rows):
             yield _GlobalRows(batch, start, min(start + rows, g), keys)

@@ -84,8 +84,8 @@ def keep_mask(rows: torch.Tensor, keys: torch.Tensor, p: float, out: torch.Tenso
     """Keep-mask of row codes (..., r, 1) against key codes (..., 1, K), broadcast: u >= floor(p * 2**32).
 
     Bool, or written into `out` (any dtype: 0 / 1); work: two int32 buffers of the broadcast shape to reuse (a
-    blocked caller's chunks then allocate nothing). The logical shift is an arithmetic one with the sign bits masked off, and u >= U is
-    the signed comparison final >= U - 2**31 (u is final with its top bit flipped).
+    blocked caller's chunks then allocate nothing). The logical shift is an arithmetic one with the sign bits
+    masked off, and u >= U is the signed comparison final >= U - 2**31 (u is final with its top bit flipped).
     """
     if work is None:
         shape = torch.broadcast_shapes(rows.shape, keys.shape)
@@ -131,7 +131,7 @@ def dropout_codes(p: float, seed: int, batch: int, heads: int, layout: Attention
     g, bs, t = layout.num_global_tokens, layout.block_size, num_tokens
     blocks = t // bs
     block = torch.arange(blocks, device=device)[:, None]
-    local = g + (block - 1) * bs + torch.arange(width, device=device)
+    local = (g + (block - 1) * bs + torch.arange(width, device=device)).clamp_min(0)  # < 0: masked, before token 0
     side = torch.arange(g, device=device).expand(blocks, g)
     if sparse_kind(layout) != "none":
         before, after = sparse_windows(layout, blocks, device)

@@ -7,7 +7,7 @@ Token queries are cut into blocks of block_size, folded into the batch of flash-
 * the side keys, globals and sparse windows: gathered once per layer straight from the keys (position types,
   norm) or from the pooled items, the only per-block copy.
 
-Two backends (`backends.py`) compute the same key sets. On the CPU (`cpu_fused`), without dropout,
+Two backends (`backends.py`) compute the same key sets. On the CPU (`cpu_fused`), in training without dropout,
 `_BlockAttention` runs both parts through the CPU flash-attention kernel and merges them
 through their logsumexp, straight into an output laid out as (batch, G + T, heads, d) (merging the heads
 afterwards is free); global queries (G of them) take one more flash call. Its backward reuses the kernel's
@@ -17,9 +17,10 @@ without index buffers or zero-filled intermediates. Elsewhere without dropout (`
 plain autograd runs the same key sets through the public `scaled_dot_product_attention` (both parts
 concatenated).
 
-Attention dropout, on every device, and a relative bias whose table trains, on the CPU, run `blocked.py`:
-explicit scores over a few blocks at a time with the counter-based keep-mask of `dropout.py`, regenerated in
-the backward rather than stored (the flash kernel has no dropout and no bias gradient).
+Attention dropout, on every device, and on the CPU inference and a relative bias whose table trains, run
+`blocked.py`: explicit scores over a few blocks at a time with the counter-based keep-mask of `dropout.py`,
+regenerated in the backward rather than stored (the flash kernel has no dropout and no bias gradient; in
+inference the blocked kernel is as fast and holds no per-layer copies of the windows and side keys).
 """
 from __future__ import annotations
 
