@@ -85,6 +85,7 @@ SYSTEMS = {
 DEFAULT_LSG = "lsg-128-128-norm"
 TARGET_LENGTHS = (4096, 16384)
 BF16_RTOL = 1.6e-2  # torch.testing's default relative tolerance for bfloat16
+COLD_MMAP_THRESHOLD = 64 * 1024  # bytes; --cold-memory: larger allocations are mmap'd and unmapped when freed
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -338,6 +339,8 @@ def run_config(system: System, length: int, phases: list[str], args: argparse.Na
                 min_runs=min_runs(system, length, args), time_limit=args.time_limit, budget=args.budget,
                 max_length=args.max_length)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    if args.cold_memory:  # glibc then returns every freed tensor at once: the RSS peak is the live-memory peak
+        env["MALLOC_MMAP_THRESHOLD_"] = str(COLD_MMAP_THRESHOLD)
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     records: list[dict] = []
@@ -611,8 +614,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-from", type=Path, nargs="+", metavar="JSON",
                         help="only re-render results.md/.png (into --out) from results.json files (partial ones "
                              "too); later files replace earlier rows of the same configuration")
+    parser.add_argument("--cold-memory", action="store_true",
+                        help="peak memory of one cold step (no warm-up, one run) per fresh process, with glibc's "
+                             f"mmap threshold at {COLD_MMAP_THRESHOLD // 1024} KiB so that freed tensors leave the "
+                             "RSS at once (reproducible to 0.1 MiB); its times are not comparable with other runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cold_memory:
+        args.warmup, args.runs, args.min_runs = 0, 1, 1
     if args.quick:
         args.lengths, args.runs, args.min_runs = [1024, 4096], 3, min(args.min_runs, 3)
     args.min_runs = min(args.min_runs, args.runs)

@@ -7,31 +7,36 @@ Token queries are cut into blocks of block_size, folded into the batch of flash-
 * the side keys, globals and sparse windows: gathered once per layer straight from the keys (position types,
   norm) or from the pooled items, the only per-block copy.
 
-Two backends (`backends.py`) compute the same key sets. On the CPU (`cpu_fused`), without dropout,
+Two backends (`backends.py`) compute the same key sets. On the CPU (`cpu_fused`), in training without dropout,
 `_BlockAttention` runs both parts through the CPU flash-attention kernel and merges them
 through their logsumexp, straight into an output laid out as (batch, G + T, heads, d) (merging the heads
 afterwards is free); global queries (G of them) take one more flash call. Its backward reuses the kernel's
 backward with the merged output and logsumexp, which is the exact gradient of one softmax over the union of
 both parts, and sums the window and side gradients into one gradient per input, in the input's own layout,
-without index buffers or zero-filled intermediates. Otherwise (`portable`: every other device, or dropout),
+without index buffers or zero-filled intermediates. Elsewhere without dropout (`portable`: every other device),
 plain autograd runs the same key sets through the public `scaled_dot_product_attention` (both parts
-concatenated); on the CPU with dropout it is checkpointed, so the probabilities SDPA's math kernel would keep
-are recomputed in the backward instead.
+concatenated).
+
+Attention dropout, on every device, and on the CPU inference and a relative bias whose table trains, run
+`blocked.py`: explicit scores over a few blocks at a time with the counter-based keep-mask of `dropout.py`,
+regenerated in the backward rather than stored (the flash kernel has no dropout and no bias gradient; in
+inference the blocked kernel is as fast and holds no per-layer copies of the windows and side keys).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 from .backends import backend_for
 from .bias import RelativeBias
+from .blocked import BlockedAttention, rows_addressable
+from .dropout import check_probability, draw_seed, dropout_codes, keep_mask, key_codes, row_codes
 from .layout import AttentionLayout
 from .masks import LSGMask, local_columns
+from .plan import Plan
 from .sparse import ITEM_KINDS, norm_positions, sparse_items, sparse_kind
 
 # Registered for CPU tensors only: reached through the "cpu_fused" backend alone, which backend_for never
@@ -56,9 +61,13 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
 
     bias: a relative position bias added to every token-to-token score of every key set, from the positions of
     the keys (docs/LSG_SPEC.md section 7c); global queries and global keys get none. While its table takes a
-    gradient, the portable path runs on the CPU too (the fused backward has no bias gradient).
+    gradient, the CPU runs the blocked kernel (`blocked.py`), which returns the bias gradient.
+
+    dropout_p (in [0, 1)) drops each attention probability by the keep-mask of `dropout.py`, a pure function of
+    a seed drawn once per call from torch's default generator and of (batch row, head, query row, key).
     """
     g, t = layout.num_global_tokens, mask.num_tokens
+    check_probability(dropout_p)
     if query.shape[-2] != g + t:
         raise ValueError(f"expected {g} global + {t} token rows, got {query.shape[-2]}")
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -77,24 +86,34 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
         local_scores = local_scores + _local_bias(bias, layout.block_size, width, query.dtype)
         side_scores = side_scores + _side_bias(bias, rows, layout, mask.num_tokens // layout.block_size,
                                                  query.dtype)
-    plan = _Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, h), _folded(side_scores, n, h),
+    plan = Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, h), _folded(side_scores, n, h),
                  None if causal or full_mask is None else _additive(full_mask, query.dtype), causal)
-    bias_gradient = bias is not None and bias.table.requires_grad and torch.is_grad_enabled()
-    if dropout_p == 0 and backend == "cpu_fused" and not bias_gradient:
+    if dropout_p > 0 or (backend == "cpu_fused" and _blocked_on_cpu(query, key, value, bias)):
+        codes = None if dropout_p == 0 else dropout_codes(dropout_p, draw_seed(), n, h, layout, t, width, causal,
+                                                          query.device)
+        return BlockedAttention.apply(query, key, value, side_keys, side_values, plan.local_mask, plan.side_mask,
+                                      plan, codes)
+    if backend == "cpu_fused":
         return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
-    if dropout_p > 0 and query.device.type == "cpu" and torch.is_grad_enabled():
-        # SDPA with dropout keeps every block's probabilities and dropout mask for the backward (about 3x the
-        # training memory of the dropout-free path); recomputing them there, under the same random state,
-        # costs one more attention forward and keeps only the inputs.
-        return checkpoint(_portable_attention, query, key, value, side_keys, side_values, plan, dropout_p,
-                          use_reentrant=False, preserve_rng_state=True)
-    return _portable_attention(query, key, value, side_keys, side_values, plan, dropout_p)
+    return _portable_attention(query, key, value, side_keys, side_values, plan)
+
+
+def _blocked_on_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: RelativeBias | None) -> bool:
+    """Whether the CPU runs the blocked kernel rather than the flash one: for inference (the flash path's
+    per-layer copies of the windows and side keys would set the peak memory; the blocked kernel, as fast there,
+    holds a few blocks at a time) and for a bias table that trains (the flash backward has no bias gradient)."""
+    if not torch.is_grad_enabled():
+        return True
+    if bias is not None and bias.table.requires_grad:
+        return True
+    return not any(x.requires_grad for x in (query, key, value))
 
 
 def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                     g: int, causal: bool, dropout_p: float, scale: float, bias: RelativeBias | None
                     ) -> torch.Tensor:
-    """Plain attention over all G + T keys (short inputs); attn_mask None = nothing masked."""
+    """Plain attention over all G + T keys (short inputs); attn_mask None = nothing masked. Dropout keeps the
+    scores of `dropout.py` (key identity = row), so it matches the block path's definition."""
     length = key.shape[-2]
     if causal:
         rows = torch.arange(length, device=key.device)[:, None]
@@ -105,32 +124,15 @@ def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         tokens = torch.arange(length - g, device=key.device)
         scores = F.pad(bias.same_for_heads(tokens - tokens[:, None], length - g, query.dtype), (g, 0, g, 0))
         attn_mask = scores if attn_mask is None else _additive(attn_mask, query.dtype) + scores
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                          scale=scale)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What the block attention of one layer needs besides the tensors it differentiates.
-
-    rows: (batch or 1, heads or 1, B * Ks) source row of every side key. local_mask / side_mask: additive masks
-    of the folded (batch * heads, B, bs, keys) calls. global_mask: additive (batch, 1, 1, G + T) key mask of the
-    global queries, None when nothing is masked.
-    """
-
-    num_global: int
-    block_size: int
-    width: int
-    scale: float
-    rows: torch.Tensor
-    local_mask: torch.Tensor
-    side_mask: torch.Tensor
-    global_mask: torch.Tensor | None
-    causal: bool
-
-    def global_keys(self, length: int) -> int:
-        """How many keys the global queries see: the globals when causal, else all."""
-        return self.num_global if self.causal else length
+    if dropout_p == 0:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
+    scores = query @ key.transpose(-1, -2) * scale
+    if attn_mask is not None:
+        scores = scores + (_additive(attn_mask, query.dtype) if attn_mask.dtype == torch.bool else attn_mask)
+    n, h = query.shape[:2]
+    keep = keep_mask(row_codes(draw_seed(), n, h, length, query.device)[..., None],
+                     key_codes(torch.arange(length, device=query.device)), dropout_p)
+    return (scores.softmax(dim=-1) * keep) @ value * (1 / (1 - dropout_p))
 
 
 def _side_sources(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
@@ -179,7 +181,7 @@ def _take(source: torch.Tensor, rows: torch.Tensor, blocks: int) -> torch.Tensor
     goes element by element), whatever the order of its batch, head and sequence dimensions.
     """
     n, h, _, d = source.shape
-    if torch.compiler.is_compiling() or not _rows_addressable(source):  # compiled code cannot sort strides
+    if torch.compiler.is_compiling() or not rows_addressable(source):  # compiled code cannot sort strides
         source = source.contiguous()
     strides = [stride if size > 1 else 0 for size, stride in zip(source.shape[:3], source.stride()[:3])]
     s_n, s_h, s_l = (s // d for s in strides)
@@ -188,14 +190,6 @@ def _take(source: torch.Tensor, rows: torch.Tensor, blocks: int) -> torch.Tensor
     offsets = torch.add(base, rows, alpha=s_l).flatten()
     storage_rows = source.as_strided((source.numel() // d, d), (d, 1))
     return storage_rows.index_select(0, offsets).view(n * h, blocks, -1, d)
-
-
-def _rows_addressable(source: torch.Tensor) -> bool:
-    """Whether every d-row of `source` is one contiguous row of its dense storage, whatever the dimension order."""
-    d = source.shape[-1]
-    strides = [stride for size, stride in zip(source.shape[:3], source.stride()[:3]) if size > 1]
-    dense = source.permute(sorted(range(4), key=lambda i: -source.stride(i))).is_contiguous()
-    return source.stride(-1) == 1 and not any(s % d for s in strides) and dense
 
 
 def _gather(source: torch.Tensor, rows: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -220,7 +214,7 @@ def _windows(tokens_after: torch.Tensor, num_global: int, block_size: int, width
     return windows.transpose(-1, -2).flatten(0, 1)
 
 
-def _global_probs(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, plan: _Plan) -> torch.Tensor:
+def _global_probs(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Attention probabilities (batch, heads, G, keys) of the G global queries, from their logsumexp."""
     scores = query[:, :, :plan.num_global] @ key[:, :, :plan.global_keys(key.shape[2])].transpose(-1, -2)
     scores = scores * plan.scale
@@ -229,7 +223,7 @@ def _global_probs(query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, pla
     return scores.sub_(lse.unsqueeze(-1)).exp_()
 
 
-def _fold_windows(grad: torch.Tensor, extra: torch.Tensor, into: torch.Tensor, plan: _Plan) -> None:
+def _fold_windows(grad: torch.Tensor, extra: torch.Tensor, into: torch.Tensor, plan: Plan) -> None:
     """Write `into` (batch, heads, G + T, d): `extra` (batch, heads, G or G + T, d) plus, on the token rows, the
     sum of the window gradients (batch * heads, B, width, d) that cover each token: block j is slab 1 of window
     j, slab 0 of window j + 1 and (non-causal) slab 2 of window j - 1."""
@@ -257,7 +251,7 @@ class _BlockAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                side_keys: torch.Tensor | None, side_values: torch.Tensor | None, plan: _Plan) -> torch.Tensor:
+                side_keys: torch.Tensor | None, side_values: torch.Tensor | None, plan: Plan) -> torch.Tensor:
         n, h, length, d = query.shape
         g, bs = plan.num_global, plan.block_size
         blocks = (length - g) // bs
@@ -326,19 +320,19 @@ class _BlockAttention(torch.autograd.Function):
 
 
 def _portable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, side_keys: torch.Tensor | None,
-                        side_values: torch.Tensor | None, plan: _Plan, dropout_p: float) -> torch.Tensor:
-    """The same attention from public ops only, through plain autograd (any device, dropout included): one SDPA
+                        side_values: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+    """The same attention from public ops only, through plain autograd (any device, without dropout): one SDPA
     call for the global queries, one over the concatenated local and side keys for the token blocks."""
     n, h, length, d = query.shape
     g, bs = plan.num_global, plan.block_size
     blocks, keys = (length - g) // bs, plan.global_keys(length)
     global_rows = F.scaled_dot_product_attention(query[:, :, :g], key[:, :, :keys], value[:, :, :keys],
-                                                 attn_mask=plan.global_mask, dropout_p=dropout_p, scale=plan.scale)
+                                                 attn_mask=plan.global_mask, scale=plan.scale)
     keys_, values_ = (torch.cat([_windows(x, g, bs, plan.width), _gather(x if s is None else s, plan.rows, blocks)],
                                 dim=2) for x, s in ((key, side_keys), (value, side_values)))
     token_rows = F.scaled_dot_product_attention(
         query[:, :, g:].reshape(n * h, blocks, bs, d), keys_, values_,
-        attn_mask=_cat_masks(plan.local_mask, plan.side_mask), dropout_p=dropout_p, scale=plan.scale)
+        attn_mask=_cat_masks(plan.local_mask, plan.side_mask), scale=plan.scale)
     return torch.cat([global_rows, token_rows.reshape(n, h, -1, d)], dim=2)
 
 

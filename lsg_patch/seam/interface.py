@@ -33,7 +33,7 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
     """LSG attention of one converted module; (batch, n, heads, d) out and no attention weights.
 
     Keys with fewer heads than the queries (grouped-query attention) are shared by SDPA on the full-attention
-    path (at most two blocks) and repeated to the query heads on the block path. A
+    path (at most two blocks, without dropout) and repeated to the query heads otherwise. A
     `position_bias` keyword (T5) must be a RelativeBias, applied inside every key set: a dense (n, n) bias
     cannot be, and would cost the memory LSG saves. With an LSGCache in the call (causal stacks), a prompt also
     stores what later tokens can read, and a call after the prompt attends through the cache.
@@ -64,7 +64,8 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
     if call.continues:
         output = cache.attend(module.layer_idx, query, key, value, repeats, call.new_positions, call.step_masks,
                               _scale(query, scaling), dropout, lsh_seed)
-    elif repeats > 1 and call.mask.index is None and bias is None:  # full-attention path: SDPA shares key heads
+    elif repeats > 1 and call.mask.index is None and bias is None and dropout == 0:
+        # full-attention path: SDPA shares the key heads (with dropout the product applies LSG's own keep-mask)
         output = grouped_full_attention(query, key, value, call.mask, call.layout.num_global_tokens, causal=causal,
                                         dropout_p=dropout, scale=scaling)
     else:
