@@ -49,6 +49,8 @@ class BertFamily(FamilyAdapter):
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         if causal:
             DecoderRows(lsg, max_length, entry.position_offset).register_pre(base_model)
+        elif global_rows.projection is None:
+            GlobalRowsInFront(global_rows, lsg).register_post(get_submodule(base_model, entry.embeddings))
         BertEncoderInput(global_rows, lsg, entry.position_offset).register_pre(encoder)
         if causal and lsg.pool_with_global:  # before OutputTrim: it reads the global rows the trim drops
             PooledFirstRow().register_post(encoder)
@@ -95,10 +97,15 @@ class BertEncoderInput(LSGHook):
         token_mask = token_mask_from(kwargs.get("attention_mask"), batch, length, hidden.device)
         padding = block_padding(length, self.lsg)
         if padding:  # F.pad, not cat with a new (batch, padding) tensor: no shape specialisation under compile
-            hidden = F.pad(hidden, (0, 0, 0, padding))
             token_mask = F.pad(token_mask, (0, padding), value=False)
-        globals_ = self.global_rows(self.lsg.num_global_tokens, batch).to(hidden.dtype)
-        hidden = torch.cat([globals_, hidden], dim=1)
+        buffer = _buffer_of(hidden, self.lsg.num_global_tokens, padding)
+        if buffer is not None:  # GlobalRowsInFront already wrote [globals; tokens; padding]
+            hidden = buffer
+        else:
+            if padding:
+                hidden = F.pad(hidden, (0, 0, 0, padding))
+            globals_ = self.global_rows(self.lsg.num_global_tokens, batch).to(hidden.dtype)
+            hidden = torch.cat([globals_, hidden], dim=1)
         kwargs["attention_mask"] = None
         call = build_call(token_mask, length, self.lsg)
         if cache is not None:
@@ -106,6 +113,39 @@ class BertEncoderInput(LSGHook):
             cache.start(real, length, real + self.position_offset if following is None else following)
         kwargs[CALL_KEYWORD] = replace(call, row_order=row_order, cache=cache)
         return (hidden, *args[1:]), kwargs
+
+
+class GlobalRowsInFront(LSGHook):
+    """Embeddings post-hook of encoders: the embeddings' output written into one buffer [globals; tokens; zero
+    padding], the token rows returned as a view of it. The encoder hook takes the buffer as its input, so what the
+    base model keeps of the embeddings while its encoder runs and the encoder's input are one tensor (a separate
+    [globals; tokens] copy would stay alive through every layer: about 10% of the forward's peak memory)."""
+
+    def __init__(self, global_rows: BertGlobalRows, lsg: "LSGConfig") -> None:
+        self.global_rows = global_rows
+        self.lsg = lsg
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if torch.compiler.is_compiling() or not isinstance(output, torch.Tensor) or output.dim() != 3:
+            return None  # the encoder hook concatenates instead
+        batch, length, width = output.shape
+        count, padding = self.lsg.num_global_tokens, block_padding(length, self.lsg)
+        buffer = output.new_empty(batch, count + length + padding, width)
+        buffer[:, :count] = self.global_rows(count, batch).to(output.dtype)
+        buffer[:, count : count + length] = output
+        buffer[:, count + length :] = 0
+        return buffer[:, count : count + length]
+
+
+def _buffer_of(hidden: torch.Tensor, count: int, padding: int) -> torch.Tensor | None:
+    """The [globals; tokens; padding] buffer `hidden` is the token rows of (see GlobalRowsInFront), or None."""
+    base = hidden._base
+    if base is None or base.dim() != 3 or base.shape != (hidden.shape[0], count + hidden.shape[1] + padding,
+                                                         hidden.shape[2]):
+        return None
+    if hidden.stride() != base.stride() or hidden.storage_offset() != base.storage_offset() + count * base.stride(1):
+        return None
+    return base
 
 
 class PooledFirstRow(LSGHook):
