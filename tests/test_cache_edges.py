@@ -11,7 +11,6 @@ import threading
 import pytest
 import torch
 
-import lsg_patch
 from lsg_patch import LSGCache
 from lsg_patch.families.base import _TABLE_WITHOUT_GLOBALS
 from tests.test_cache import cache_of, converted, greedy, ids_of, padded_batch

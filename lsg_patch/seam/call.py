@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import torch
-
 from ..attention import AttentionLayout, LSGMask
 
 if TYPE_CHECKING:
