@@ -94,6 +94,15 @@ def get_argument(module: nn.Module, args: tuple, kwargs: dict, name: str) -> Any
     return args[index] if index < len(args) else kwargs.get(name)
 
 
+def token_inputs(module: nn.Module, args: tuple, kwargs: dict
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """input_ids, inputs_embeds, and the (batch, tokens) tensor of whichever the call gave (None: neither)."""
+    input_ids = get_argument(module, args, kwargs, "input_ids")
+    embeds = get_argument(module, args, kwargs, "inputs_embeds")
+    reference = input_ids if input_ids is not None else (None if embeds is None else embeds[..., 0])
+    return input_ids, embeds, reference
+
+
 def set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
     """Replace one argument where the caller put it: transformers' forward wrappers expect their keyword
     arguments to stay keywords."""

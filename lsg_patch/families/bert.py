@@ -23,7 +23,7 @@ from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
 from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument, set_argument,
-                   token_mask_from)
+                   token_inputs, token_mask_from)
 from .caching import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last, resolve_cache,
                       room_for, take_rows)
 
@@ -182,9 +182,7 @@ class DecoderRows(LSGHook):
         self.position_offset = position_offset
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        input_ids = get_argument(module, args, kwargs, "input_ids")
-        embeds = get_argument(module, args, kwargs, "inputs_embeds")
-        reference = input_ids if input_ids is not None else (None if embeds is None else embeds[..., 0])
+        reference = token_inputs(module, args, kwargs)[2]
         if reference is None or reference.dim() != 2:
             return None  # upstream raises its own error for this call
         if get_argument(module, args, kwargs, "encoder_hidden_states") is not None:
@@ -198,7 +196,7 @@ class DecoderRows(LSGHook):
         if cache is not None and cache.columns:
             new_tokens_are_real(module, args, kwargs, length)
             room_for(cache, length, self.max_length)
-            positions = cache.next_positions[:, None] + torch.arange(length)
+            positions = cache.upcoming_positions(length)
             changes["position_ids"] = positions.to(reference.device)
         else:
             mask = get_argument(module, args, kwargs, "attention_mask")

@@ -37,7 +37,8 @@ from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
 from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
-                   build_call, forward_parameters, get_argument, set_argument, tables_see_globals, token_mask_from,
+                   build_call, forward_parameters, get_argument, set_argument, tables_see_globals, token_inputs,
+                   token_mask_from,
                    with_global_rows)
 from .caching import (cache_arguments, new_tokens_are_real, next_positions, padding_last, resolve_cache,
                       room_for, take_rows)
@@ -90,11 +91,9 @@ class StackInput(LSGHook):
         self.keep_sliding_window_layers = keep_sliding_window_layers
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        input_ids = get_argument(module, args, kwargs, "input_ids")
-        embeds = get_argument(module, args, kwargs, "inputs_embeds")
-        if input_ids is None and embeds is None:
+        input_ids, embeds, reference = token_inputs(module, args, kwargs)
+        if reference is None:
             return None  # upstream raises its own error for this call
-        reference = input_ids if input_ids is not None else embeds[..., 0]
         if reference.dim() != 2:
             raise ValueError(f"LSG takes (batch, tokens) inputs; got input of shape {tuple(reference.shape)}")
         cache = resolve_cache(module, args, kwargs, self.lsg, self.causal)

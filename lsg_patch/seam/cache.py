@@ -161,11 +161,14 @@ class LSGCache(Cache):
     def advance(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A call of `new_tokens` columns after the prompt (all real): the (batch, new_tokens) CPU token indices
         they take in their rows (what places them in blocks) and their position ids."""
-        steps = torch.arange(new_tokens)
-        indices, positions = self.lengths[:, None] + steps, self.next_positions[:, None] + steps
+        indices, positions = self.lengths[:, None] + torch.arange(new_tokens), self.upcoming_positions(new_tokens)
         self.lengths, self.next_positions = self.lengths + new_tokens, self.next_positions + new_tokens
         self.columns += new_tokens
         return indices, positions
+
+    def upcoming_positions(self, new_tokens: int) -> torch.Tensor:
+        """The (batch, new_tokens) CPU position ids the next call's tokens take, without taking them."""
+        return self.next_positions[:, None] + torch.arange(new_tokens)
 
     def step_masks(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
         """For every new column, the (batch, 1, K) position mask of its key set (built once for all layers)."""
@@ -183,21 +186,30 @@ class LSGCache(Cache):
         index = (g + slots.clamp(min=0)).to(device)[:, None, :, None]
         tokens = [x.gather(2, index.expand(-1, x.shape[1], -1, x.shape[-1])) for x in (key, value)]
         query_first = query[:, :, g]
-        ring = item_ring_size(layout)
-        whole = (key.shape[2] - g) // bs * bs
-        heads = key.shape[1] if self.items_per_key_head else query.shape[1]
-        keys = query.new_zeros(query.shape[0], heads, ring, query.shape[-1])
-        values, allowed = keys.clone(), torch.zeros(query.shape[0], heads, ring, dtype=torch.bool, device=device)
-        if ring and whole:  # else nothing is written yet: the item ring starts empty
-            items = self._items(query_first, key[:, :, g : g + whole], value[:, :, g : g + whole], repeats,
-                                token_mask[:, :whole], scale, lsh_seed)
-            kept = token_slot_positions(self.lengths // bs * sparse_step(layout) - 1, ring)
-            take = kept.clamp(min=0).to(device)[:, None].expand(-1, heads, -1)
-            keys, values = (x.gather(2, take[..., None].expand(-1, -1, -1, x.shape[-1]))
-                            for x in (items.keys, items.values))
-            allowed = items.mask.gather(2, take) & (kept >= 0).to(device)[:, None]
-        self.states[layer_idx] = LayerState(key[:, :, :g], value[:, :, :g], *tokens, keys, values, allowed,
-                                            query_first)
+        items = self._prompt_items(query_first, key[:, :, g:], value[:, :, g:], repeats, token_mask, scale, lsh_seed)
+        self.states[layer_idx] = LayerState(key[:, :, :g], value[:, :, :g], *tokens, *items, query_first)
+
+    def _prompt_items(self, query_first: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, repeats: int,
+                      token_mask: torch.Tensor, scale: float, lsh_seed: int) -> BlockItems:
+        """The item ring after the prompt's (batch, kv heads, T, d) token keys/values: in every row, the items of
+        its latest whole blocks, computed only for the blocks some row keeps (items depend on their block alone)."""
+        ring, bs = item_ring_size(self.layout), self.layout.block_size
+        heads = keys.shape[1] if self.items_per_key_head else query_first.shape[1]
+        empty = keys.new_zeros(keys.shape[0], heads, ring, keys.shape[-1])
+        allowed = torch.zeros(keys.shape[0], heads, ring, dtype=torch.bool, device=keys.device)
+        if not ring:
+            return BlockItems(empty, empty.clone(), allowed)
+        step = sparse_step(self.layout)
+        kept = token_slot_positions(self.lengths // bs * step - 1, ring)  # item index held by every slot
+        if not bool((kept >= 0).any()):  # no row has a whole block yet: the ring starts empty
+            return BlockItems(empty, empty.clone(), allowed)
+        first, last = int(kept[kept >= 0].min()) // step, int(kept.max()) // step + 1  # blocks
+        items = self._items(query_first, keys[:, :, first * bs : last * bs], values[:, :, first * bs : last * bs],
+                            repeats, token_mask[:, first * bs : last * bs], scale, lsh_seed)
+        take = (kept - first * step).clamp(min=0).to(keys.device)[:, None].expand(-1, heads, -1)
+        item_keys, item_values = (x.gather(2, take[..., None].expand(-1, -1, -1, x.shape[-1]))
+                                  for x in (items.keys, items.values))
+        return BlockItems(item_keys, item_values, items.mask.gather(2, take) & (kept >= 0).to(keys.device)[:, None])
 
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, repeats: int,
                positions: torch.Tensor, masks: tuple[torch.Tensor, ...], scale: float, dropout: float,
