@@ -12,12 +12,14 @@
      through the oracle;
    * the backend `backend_for` picks for the device ("portable" everywhere but the CPU);
    * causal generation with the LSGCache: the logits of 20 tokens fed one by one after a cached prompt against
-     the uncached forward over the whole sequence, for three sparsity types, float32.
+     the uncached forward over the whole sequence, for three sparsity types, float32;
+   * attention dropout: with the same seed, the product and its gradients on the device equal those on the CPU
+     (the keep-mask is a function of the seed and of (row, head, query, key), not of the device or the blocking).
 2. Time (median of 5 runs after 2 warm-ups) and peak memory (CUDA) of `lsg_attention` (auto backend) against
    dense `scaled_dot_product_attention` on the same tensors, forward and forward+backward; the time per generated
    token after a long prompt, LSGCache against transformers' dense cache (SDPA); without --quick also a BERT-base
    model converted with `to_lsg` against the same shape with sdpa, forward only.
-3. A markdown report (--out: date, device, versions, command, both tables), also printed at the end.
+4. A markdown report (--out: date, device, versions, command, the tables), also printed at the end.
 
 fp16 is left out on the CPU. A CPU run without --quick uses the GPU sizes (up to 32768 tokens): it takes long.
 """
@@ -58,6 +60,15 @@ GOLDEN_ATOL = 1e-5  # tests/test_golden.py
 PRODUCT_ATOL = 1e-4  # float32 against float64: observed <= 2e-6 on the CPU
 CACHE_ATOL = 1e-4  # float32 cached steps against the uncached forward: observed <= 5e-6 on the CPU
 CACHE_TYPES = ("pooling", "lsh", "bos_pooling")  # norm can flip between keys of equal norm in float32
+DROPOUT_TYPES = ("norm", "pooling", "lsh")
+DROPOUT_ATOL = 1e-4  # float32 on the device against float32 on the CPU, same seed: observed 0 on the CPU
+# model steps: (shape, systems, lengths); every system in fp32, fp16 autocast (CUDA) and bf16 autocast
+MODEL_STEPS = (
+    ("default", ("lsg-128-128-norm", "lsg-128-128-norm-nodrop", "sdpa", "sdpa-nodrop", "longformer-256", "bigbird",
+                 "longt5-local", "longt5-tglobal", "t5-lsg-128-128-norm"), (4096, 16384)),
+    ("base", ("lsg-128-128-norm", "lsg-128-128-norm-nodrop", "sdpa", "sdpa-nodrop"), (4096,)),
+)
+QUICK_MODEL_STEPS = (("toy", ("lsg-128-128-norm", "lsg-128-128-norm-nodrop", "sdpa"), (512,)),)
 SELECTION_RTOL = 1e-1  # low-precision golden cases that pick keys by norm (see `golden_tolerance`)
 WARMUP, RUNS = 2, 5
 MODES = ("forward", "train")
@@ -455,6 +466,31 @@ def cache_error(kind: str, device: torch.device) -> tuple[str, float, float]:
     return "max abs", max_abs_error(torch.cat(got, dim=1), expected), CACHE_ATOL
 
 
+def dropout_checks(device: torch.device, checks: list[Check]) -> None:
+    for kind in DROPOUT_TYPES:
+        for causal in (False, True):
+            suffix = " causal" if causal else ""
+            record(checks, f"dropout {kind}{suffix} = CPU", torch.float32,
+                   lambda kind=kind, causal=causal: dropout_error(kind, causal, device))
+
+
+def dropout_error(kind: str, causal: bool, device: torch.device) -> tuple[str, float, float]:
+    """Output and query/key/value gradients of the float32 product with dropout 0.1 on the device against the same
+    call on the CPU after the same `torch.manual_seed` (the seed comes from the CPU generator): the worst of the
+    four. A device-dependent or blocking-dependent keep-mask gives O(1) differences."""
+    layout, qkv, token_mask = product_case(kind)
+    grad_out = torch.randn(qkv[0].shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for where in (torch.device("cpu"), device):
+        inputs = [x.to(device=where, dtype=torch.float32).requires_grad_() for x in qkv]
+        torch.manual_seed(7)
+        out = lsg_attention(*inputs, prepare_mask(token_mask.to(where), layout), layout, causal=causal,
+                            dropout_p=0.1)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(where))
+        results.append([x.detach().cpu() for x in (out, *grads)])
+    return "max abs", max(max_abs_error(a, e) for a, e in zip(results[1], results[0])), DROPOUT_ATOL
+
+
 def generation_rows(device: torch.device, tokens: int) -> list[Timing]:
     """Time per generated token after a `tokens`-token prompt: LSG with its LSGCache (default layout, norm)
     against the unconverted model with SDPA and transformers' dense cache; hidden 256, 4 layers, float32."""
@@ -477,6 +513,91 @@ def generation_rows(device: torch.device, tokens: int) -> list[Timing]:
     row = Timing("generation, per token after the prompt", tokens, "float32", "decode", times["lsg"], times["dense"])
     print(row.line(), flush=True)
     return [row]
+
+
+@dataclass
+class ModelStep:
+    """One row of the model-step table: a benchmarks/run.py system at one length and precision."""
+
+    shape: str
+    system: str
+    tokens: int
+    precision: str
+    forward: Measurement
+    train: Measurement
+
+    def line(self) -> str:
+        return (f"STEP  {self.shape} {self.system} {self.tokens} tokens [{self.precision}]: forward "
+                f"{show_ms(self.forward)} ms, train {show_ms(self.train)} ms")
+
+
+def precisions(device: torch.device) -> list[tuple[str, torch.dtype | None]]:
+    """fp32, then autocast to fp16 (CUDA only: the CPU's fp16 matrix products are not a training setting) and bf16."""
+    found: list[tuple[str, torch.dtype | None]] = [("fp32", None)]
+    if device.type == "cuda":
+        found.append(("fp16 autocast", torch.float16))
+    return found + [("bf16 autocast", torch.bfloat16)]
+
+
+def model_step(model: torch.nn.Module, inputs: dict, phase: str, dtype: torch.dtype | None, device: torch.device
+               ) -> Callable[[], object]:
+    """benchmarks/run.py's forward (eval, no_grad) or training step (train mode, dropout on), under autocast."""
+    model.train(phase == "train")
+    run = bench.train_step if phase == "train" else bench.forward_step
+
+    def step() -> object:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return run(model, inputs)
+    return step
+
+
+def model_step_rows(device: torch.device, quick: bool) -> list[ModelStep]:
+    """Forward and training step of every system of MODEL_STEPS (QUICK_MODEL_STEPS with --quick), built by
+    benchmarks/run.py (same weights init, dropout and inputs), at every length and precision."""
+    rows = []
+    for shape, systems, lengths in QUICK_MODEL_STEPS if quick else MODEL_STEPS:
+        for key in systems:
+            system = bench.SYSTEMS[key]
+            torch.manual_seed(0)
+            model = bench.build_model(system, bench.SHAPES[shape], max(lengths)).to(device)
+            for length in lengths:
+                inputs = {k: v.to(device) for k, v in bench.make_inputs(system, length).items()}
+                for name, dtype in precisions(device):
+                    measured = {}
+                    for phase in bench.PHASES:
+                        measured[phase] = (measure(model_step(model, inputs, phase, dtype, device), device)
+                                           if phase in system.phases else Measurement(status="-"))
+                        release(device)
+                    rows.append(ModelStep(shape, key, length, name, measured["forward"], measured["train"]))
+                    print(rows[-1].line(), flush=True)
+            del model
+            release(device)
+    return rows
+
+
+def model_step_summary(rows: list[ModelStep]) -> list[str]:
+    """Issue 13's comparisons on this device, from the table: dropout cost, autocast speed-up, the fastest peer."""
+    train = {(r.shape, r.system, r.tokens, r.precision): r.train.ms for r in rows if r.train.status == "ok"}
+    lines = []
+    for (shape, system, tokens, precision), ms in train.items():
+        if system != bench.DEFAULT_LSG:
+            continue
+        where = f"{shape} shape, {tokens} tokens, {precision}"
+        nodrop = train.get((shape, "lsg-128-128-norm-nodrop", tokens, precision))
+        fp32 = train.get((shape, system, tokens, "fp32"))
+        peers = {k[1]: v for k, v in train.items() if k[0] == shape and k[2] == tokens and k[3] == precision
+                 and not k[1].startswith("lsg") and not k[1].endswith("nodrop") and bench.SYSTEMS[k[1]].global_path}
+        parts = []
+        if nodrop:
+            parts.append(f"dropout 0.1 / dropout 0: {ms / nodrop:.2f}x")
+        if fp32 and precision != "fp32":
+            parts.append(f"{fp32 / ms:.2f}x the fp32 speed")
+        if peers:
+            fastest = min(peers, key=peers.get)
+            parts.append(f"fastest peer with its dropout: {bench.SYSTEMS[fastest].label} {peers[fastest]:.1f} ms "
+                         f"({peers[fastest] / ms:.2f}x lsg_patch's time)")
+        lines.append(f"- {where}: lsg_patch trains in {ms:.1f} ms; " + "; ".join(parts))
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -521,7 +642,7 @@ def checkout() -> str:
 
 
 def render(device: torch.device, dtypes: list[torch.dtype], quick: bool, checks: list[Check],
-           timings: list[Timing], seconds: float) -> str:
+           timings: list[Timing], steps: list[ModelStep], seconds: float) -> str:
     """The markdown report: header (date, device, versions, command), correctness table, timing table."""
     failed = sum(not c.passed for c in checks) + sum(m.status.startswith("error") for t in timings
                                                      for m in (t.lsg, t.dense))
@@ -568,6 +689,18 @@ def render(device: torch.device, dtypes: list[torch.dtype], quick: bool, checks:
         ratio = f"{t.dense.ms / t.lsg.ms:.2f}" if t.lsg.status == t.dense.status == "ok" else "-"
         lines.append(f"| {t.what} | {t.tokens} | {t.dtype} | {t.mode} | {show_ms(t.lsg)} | {show_ms(t.dense)} | "
                      f"{ratio} | {show_mib(t.lsg)} | {show_mib(t.dense)} |")
+    lines += [
+        "", "## Model steps", "",
+        f"Whole models built by benchmarks/run.py (random weights; BERT-family systems keep BERT's dropout 0.1, "
+        f"attention included, unless named 'dropout 0'; T5 and LongT5 their 0.1), batch 1, median of {RUNS} runs "
+        f"after {WARMUP} warm-ups. forward: eval, no_grad; train: forward + backward of the mean square of the "
+        f"last hidden state, dropout on. Autocast rows run the same fp32 weights under `torch.autocast`. {memory}.",
+        "", *model_step_summary(steps), "",
+        "| shape | system | tokens | precision | forward ms | forward peak MiB | train ms | train peak MiB |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r.shape} | {bench.SYSTEMS[r.system].label} | {r.tokens} | {r.precision} | {show_ms(r.forward)} | "
+              f"{show_mib(r.forward)} | {show_ms(r.train)} | {show_mib(r.train)} |" for r in steps]
     return "\n".join(lines) + "\n"
 
 
@@ -590,13 +723,16 @@ def main(argv: list[str] | None = None) -> int:
     golden_checks(device, dtypes, checks)
     product_checks(device, dtypes, checks)
     cache_checks(device, checks)
+    dropout_checks(device, checks)
     timings = timing_rows(device, args.quick)
-    report = render(device, dtypes, args.quick, checks, timings, time.perf_counter() - started)
+    steps = model_step_rows(device, args.quick)
+    report = render(device, dtypes, args.quick, checks, timings, steps, time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print("\n" + report, flush=True)
     failures = [c.line() for c in checks if not c.passed] + [
-        t.line() for t in timings if "error" in (t.lsg.status + t.dense.status)]
+        t.line() for t in timings if "error" in (t.lsg.status + t.dense.status)] + [
+        r.line() for r in steps if r.system.startswith("lsg") and "error" in r.forward.status + r.train.status]
     if failures:
         print(f"FAIL: {len(failures)} failed (report: {args.out})\n" + "\n".join(failures), flush=True)
         return 1

@@ -42,10 +42,16 @@ def test_quick_cpu_run_passes_and_reports_every_check(tmp_path: Path) -> None:
         for suffix in ("", " causal"):
             expected |= {(f"product {kind}{suffix}", dtype) for dtype in ("float32", "bfloat16")}
             expected.add((f"gradient {kind}{suffix}", "float32"))
+    expected |= {(f"dropout {kind}{suffix} = CPU", "float32") for kind in ("norm", "pooling", "lsh")
+                 for suffix in ("", " causal")}
     assert expected <= set(rows), sorted(expected - set(rows))
     assert all(result.startswith("PASS") for result in rows.values()), {k: v for k, v in rows.items()
                                                                        if not v.startswith("PASS")}
     for tokens in (256, 512):
         for mode in ("forward", "train"):
             assert f"| attention | {tokens} | float32 | {mode} |" in report
+    for system in ("lsg_patch 128/128 norm", "full sdpa"):
+        for precision in ("fp32", "bf16 autocast"):
+            assert f"| toy | {system} | 512 | {precision} |" in report
+    assert "- toy shape, 512 tokens, fp32: lsg_patch trains in" in report
     assert "FAIL" not in report and "PASS: all" in done.stdout
