@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """torch.profiler view of an lsg_patch model: top operators of the forward and of the backward.
 
-Default: lsg_patch 128/128 norm, 4 layers / hidden 256 / 4 heads, 4096 tokens, 2 threads. The forward is
-profiled in eval mode under no_grad; the backward in train mode, forward excluded (the table of the backward
-lists the autograd operators that ran after `loss.backward()` started).
+Default: lsg_patch 128/128 norm, 4 layers / hidden 256 / 4 heads, 4096 tokens, 2 threads, CPU. Three tables:
+the forward in eval mode under no_grad, the forward in train mode (dropout on), and the backward, forward
+excluded (the autograd operators that ran after `loss.backward()` started). On CUDA the tables also time the
+kernels and are sorted by their device time.
 
     python benchmarks/profile_lsg.py                        # the tables for the issue note
     python benchmarks/profile_lsg.py --system lsg-32-32-norm --length 16384 --top 30
+    python benchmarks/profile_lsg.py --device cuda --autocast fp16 --length 16384
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -27,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--autocast", choices=("none", "fp16", "bf16"), default="none")
     args = parser.parse_args(argv)
 
     import torch
@@ -34,31 +39,50 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     system = SYSTEMS[args.system]
-    model = build_model(system, SHAPES[args.size], max(args.length, 512))
-    inputs = make_inputs(system, args.length)
-    sort = "self_cpu_time_total"
+    model = build_model(system, SHAPES[args.size], max(args.length, 512)).to(device)
+    inputs = {k: v.to(device) for k, v in make_inputs(system, args.length).items()}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def timed(run: Callable[[], object]) -> tuple[object, Any, float]:
+        """run() once to warm up, then once profiled: its result, the profile, the wall seconds."""
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            result = run()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        return result, prof, seconds
+
+    def forward() -> object:
+        with autocast():
+            return model(**inputs).last_hidden_state.float().square().mean()
 
     model.eval()
     with torch.no_grad():
-        model(**inputs)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as forward_profile:
-            start = time.perf_counter()
-            model(**inputs)
-            forward_s = time.perf_counter() - start
+        _, eval_profile, eval_s = timed(forward)
     model.train()
-    model(**inputs).last_hidden_state.square().mean().backward()  # warm-up
+    forward().backward()  # warm-up of the backward
     model.zero_grad(set_to_none=True)
-    loss = model(**inputs).last_hidden_state.square().mean()
-    with profile(activities=[ProfilerActivity.CPU]) as backward_profile:
-        start = time.perf_counter()
-        loss.backward()
-        backward_s = time.perf_counter() - start
+    loss, train_profile, train_s = timed(forward)
+    _, backward_profile, backward_s = timed(lambda: loss.backward(retain_graph=True))
 
-    print(f"{system.label}, size {args.size}, {args.length} tokens, {args.threads} threads, torch {torch.__version__}")
-    for name, prof, seconds in (("FORWARD (eval, no_grad)", forward_profile, forward_s),
+    print(f"{system.label}, size {args.size}, {args.length} tokens, {args.device}, autocast {args.autocast}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    for name, prof, seconds in (("FORWARD (eval, no_grad)", eval_profile, eval_s),
+                                ("FORWARD (train mode)", train_profile, train_s),
                                 ("BACKWARD (train mode)", backward_profile, backward_s)):
-        print(f"\n=== {name}: {seconds:.3f} s wall (profiled) ===")
+        print(f"\n=== {name}: {seconds * 1e3:.2f} ms wall (profiled) ===")
         print(prof.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
 
 
