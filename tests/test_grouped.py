@@ -1,6 +1,10 @@
-"""Grouped-query attention on LSG's full-attention path (at most two blocks) without repeated keys.
+"""Grouped-query attention without repeated keys: on LSG's full-attention path (at most two blocks, SDPA shares
+the key heads) and on its block path (the blocked kernel stacks the query heads of one key head, for the
+sparsity types whose side keys depend on the key head alone; the others repeat the keys).
 
-Oracle: tests/oracle.py's float64 LSG attention, per head, on keys repeated to the query heads here.
+Oracle: tests/oracle.py's float64 LSG attention, per head, on keys repeated to the query heads here; with
+dropout, the product on repeated keys and the same seed (itself checked against the dropout oracle in
+tests/test_dropout.py).
 """
 from __future__ import annotations
 
@@ -12,8 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lsg_patch
-from lsg_patch.attention import AttentionLayout, prepare_mask
+from lsg_patch.attention import AttentionLayout, lsg_attention, prepare_mask
 from lsg_patch.attention.grouped import grouped_full_attention
+from lsg_patch.attention.product import KEY_HEAD_KINDS
+from lsg_patch.attention.sparse import sparse_kind
 from lsg_patch.seam import interface
 from tests.oracle import oracle_attention
 from tests.test_architectures import build
@@ -50,6 +56,95 @@ def test_matches_the_oracle_on_repeated_keys_forward_and_gradients(case: dict) -
     for grad, expected_grad in zip(torch.autograd.grad(got, (query, key, value), upstream),
                                    torch.autograd.grad(expected, (query, key, value), upstream)):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+GROUPS = [(2, 1), (4, 2), (4, 1), (6, 3)]
+
+
+@st.composite
+def block_cases(draw: st.DrawFn) -> dict:
+    """Inputs that take the block path (more than two blocks), every sparsity type, padded rows."""
+    heads, kv_heads = draw(st.sampled_from(GROUPS))
+    block = draw(st.sampled_from([4, 8]))
+    factor = draw(st.sampled_from([1, 2, 4]))
+    layout = AttentionLayout(num_global_tokens=draw(st.integers(1, 3)), block_size=block,
+                             sparse_block_size=draw(st.sampled_from([0, block // 2, block])), sparsity_factor=factor,
+                             sparsity_type=draw(st.sampled_from(["norm", "pooling", "stride", "block_stride", "lsh",
+                                                                 "bos_pooling"])))
+    tokens, batch = block * draw(st.integers(3, 6)), draw(st.integers(1, 2))
+    token_mask = torch.stack([torch.arange(tokens) < draw(st.integers(1, tokens)) for _ in range(batch)])
+    return dict(heads=heads, kv_heads=kv_heads, layout=layout, token_mask=token_mask, causal=draw(st.booleans()),
+                seed=draw(st.integers(0, 99)))
+
+
+def grouped_inputs(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 query (heads) and key / value (kv_heads) leaves of the case."""
+    layout, token_mask = case["layout"], case["token_mask"]
+    batch, length = token_mask.shape[0], layout.num_global_tokens + token_mask.shape[1]
+    generator = torch.Generator().manual_seed(case["seed"])
+    query = torch.randn(batch, case["heads"], length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    key, value = (torch.randn(batch, case["kv_heads"], length, 8, generator=generator, dtype=torch.float64,
+                              requires_grad=True) for _ in range(2))
+    return query, key, value
+
+
+def repeated(case: dict, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [x.repeat_interleave(case["heads"] // case["kv_heads"], 1) for x in tensors]
+
+
+@settings(max_examples=40, deadline=None)
+@given(block_cases())
+def test_block_path_matches_the_oracle_on_repeated_keys(case: dict) -> None:
+    layout, token_mask, causal = case["layout"], case["token_mask"], case["causal"]
+    query, key, value = grouped_inputs(case)
+    got = lsg_attention(query, key, value, prepare_mask(token_mask, layout), layout, causal=causal, scale=0.4)
+    expected = oracle_attention(query, *repeated(case, key, value), token_mask, layout, causal=causal, scale=0.4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    upstream = torch.randn_like(got)
+    for grad, expected_grad in zip(torch.autograd.grad(got, (query, key, value), upstream),
+                                   torch.autograd.grad(expected, (query, key, value), upstream)):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
+
+
+@settings(max_examples=25, deadline=None)
+@given(block_cases())
+def test_block_path_dropout_is_that_of_repeated_keys(case: dict) -> None:
+    """The keep-mask is a function of the query head: sharing a key head changes nothing."""
+    layout, token_mask, causal = case["layout"], case["token_mask"], case["causal"]
+    query, key, value = grouped_inputs(case)
+    mask = prepare_mask(token_mask, layout)
+    outputs = []
+    for keys in ((key, value), repeated(case, key, value)):
+        torch.manual_seed(case["seed"])
+        outputs.append(lsg_attention(query, *keys, mask, layout, causal=causal, scale=0.4, dropout_p=0.3))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-12)
+    upstream = torch.randn_like(outputs[0])
+    for grad, expected_grad in zip(torch.autograd.grad(outputs[0], (query, key, value), upstream),
+                                   torch.autograd.grad(outputs[1], (query, key, value), upstream)):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["none", "norm", "pooling", "stride", "lsh"])
+def test_keys_are_repeated_only_where_the_side_keys_need_the_query_head(kind: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_factor=2,
+                             sparsity_type=kind)
+    repeats = []
+    original = torch.Tensor.repeat_interleave
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave",
+                        lambda self, *args, **kwargs: repeats.append(1) or original(self, *args, **kwargs))
+    query, key, value = (torch.randn(1, heads, 33, 8) for heads in (4, 2, 2))
+    lsg_attention(query, key, value, prepare_mask(torch.ones(1, 32, dtype=torch.bool), layout), layout)
+    assert bool(repeats) == (sparse_kind(layout) not in KEY_HEAD_KINDS)
+
+
+def test_mismatched_heads_are_refused() -> None:
+    layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_type="norm")
+    mask = prepare_mask(torch.ones(1, 32, dtype=torch.bool), layout)
+    with pytest.raises(ValueError, match="6 query heads cannot share 4 key and 4 value heads"):
+        lsg_attention(torch.zeros(1, 6, 33, 4), torch.zeros(1, 4, 33, 4), torch.zeros(1, 4, 33, 4), mask, layout)
+    with pytest.raises(ValueError, match="4 query heads cannot share 2 key and 4 value heads"):
+        lsg_attention(torch.zeros(1, 4, 33, 4), torch.zeros(1, 2, 33, 4), torch.zeros(1, 4, 33, 4), mask, layout)
 
 
 def test_the_block_path_is_refused() -> None:

@@ -8,6 +8,10 @@ from the side source by row), so only one chunk's scores are alive at once. Drop
 keep-mask of `dropout.py`, regenerated in the backward from the row and key codes, never stored; the backward
 recomputes each chunk's scores and probabilities (one more score product) and keeps nothing but the inputs and
 the output, like a flash kernel. Public ops only, so every device can run it.
+
+Grouped-query attention: keys and values may have fewer heads than the queries. A chunk then stacks the rows of
+the query heads that share a key head (`fold`), so each key head's key set is built once and its gradients sum
+over those heads inside the matrix products; the rows are put back in query-head order afterwards (`unfold`).
 """
 from __future__ import annotations
 
@@ -80,7 +84,7 @@ class BlockedAttention(torch.autograd.Function):
             rows = probs @ v
             if codes is not None:
                 rows.mul_(1 / (1 - codes.p))
-            chunk.rows_of(out).copy_(_flat(rows))
+            chunk.rows_of(out).copy_(chunk.unfold(rows, h))
         ctx.save_for_backward(query, key, value, side_keys, side_values, local_scores, side_scores, out)
         ctx.plan, ctx.codes = plan, codes
         return out
@@ -90,6 +94,7 @@ class BlockedAttention(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, value, side_keys, side_values, local_scores, side_scores, out = ctx.saved_tensors
         plan, codes = ctx.plan, ctx.codes
+        heads, key_heads = query.shape[1], key.shape[1]
         inputs = _inputs(query, key, value, side_keys, side_values, local_scores, side_scores, plan, codes)
         dquery = torch.empty_like(query)
         dkey, dvalue = torch.zeros_like(key), torch.zeros_like(value)
@@ -103,8 +108,8 @@ class BlockedAttention(torch.autograd.Function):
         for chunk in _chunks(query, plan):
             q, k, v, scores, keep = chunk.build(inputs, work)
             probs = torch.softmax(scores, dim=-1, out=scores)
-            grad = chunk.like_queries(chunk.rows_of(grad_out), q)
-            total = (grad * chunk.like_queries(chunk.rows_of(out), q)).sum(dim=-1, keepdim=True)  # sum_j P dP
+            grad = chunk.fold(chunk.rows_of(grad_out), key_heads)
+            total = (grad * chunk.fold(chunk.rows_of(out), key_heads)).sum(dim=-1, keepdim=True)  # sum_j P dP
             if keep_scale != 1.0:
                 grad = grad * keep_scale
             kept = probs if keep is None else torch.mul(probs, keep, out=work.get("hash", *_like(probs)))  # spent
@@ -113,7 +118,7 @@ class BlockedAttention(torch.autograd.Function):
             if keep is not None:
                 dscore.mul_(keep)
             dscore.sub_(total).mul_(probs)
-            chunk.rows_of(dquery).copy_(_flat(dscore @ k).mul_(plan.scale))
+            chunk.rows_of(dquery).copy_(chunk.unfold(dscore @ k, heads).mul_(plan.scale))
             chunk.add_grads(dscore.transpose(-1, -2) @ q, dv, dscore, grads, plan)
         return (dquery, dkey, dvalue, dside_keys, dside_values, grads.local_scores, grads.side_scores, None, None)
 
@@ -198,11 +203,6 @@ def _like(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, torch.dev
     return tuple(tensor.shape), tensor.dtype, tensor.device
 
 
-def _flat(rows: torch.Tensor) -> torch.Tensor:
-    """(heads, c, bs, d) block rows -> (heads, c * bs, d); 3-D global rows unchanged."""
-    return rows.flatten(1, 2) if rows.dim() == 4 else rows
-
-
 class _GlobalRows(NamedTuple):
     """Global query rows [start, stop) of one batch row: they attend to the first `keys` keys."""
 
@@ -212,9 +212,11 @@ class _GlobalRows(NamedTuple):
     keys: int
 
     def build(self, inputs: _Inputs, work: _Workspace) -> tuple[torch.Tensor, ...]:
-        """Scaled queries (heads, r, d), keys and values (heads, keys, d), scores (heads, r, keys), keep-mask."""
+        """Scaled queries (key heads, group * r, d), keys and values (key heads, keys, d), scores (key heads,
+        group * r, keys), keep-mask."""
         plan, codes = inputs.plan, inputs.codes
-        q = inputs.query[self.batch, :, self.start:self.stop] * plan.scale
+        key_heads = inputs.key.shape[1]
+        q = self.fold(inputs.query[self.batch, :, self.start:self.stop] * plan.scale, key_heads)
         k, v = (x[self.batch, :, :self.keys] for x in (inputs.key, inputs.value))
         shape = (q.shape[0], q.shape[1], self.keys)
         scores = torch.matmul(q, k.transpose(-1, -2), out=work.get("scores", shape, q.dtype, q.device))
@@ -222,17 +224,21 @@ class _GlobalRows(NamedTuple):
             scores += plan.global_mask[self.batch, 0, :, :self.keys]
         keep = None
         if codes is not None:
-            keep = _keep(codes.rows[self.batch, :, self.start:self.stop, None], codes.full[:self.keys], codes.p,
-                         shape, q.dtype, work)
+            rows = self.fold(codes.rows[self.batch, :, self.start:self.stop, None], key_heads)
+            keep = _keep(rows, codes.full[:self.keys], codes.p, shape, q.dtype, work)
         return q, k, v, scores, keep
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
         """This chunk's rows (heads, r, d) of a (batch, heads, G + T, d) tensor."""
         return x[self.batch, :, self.start:self.stop]
 
-    def like_queries(self, rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Rows (heads, r, d) shaped as the chunk's queries: already so."""
-        return rows
+    def fold(self, rows: torch.Tensor, key_heads: int) -> torch.Tensor:
+        """Rows (heads, r, x) -> (key heads, group * r, x): the rows of the query heads of one key head together."""
+        return rows.reshape(key_heads, -1, rows.shape[-1])
+
+    def unfold(self, folded: torch.Tensor, heads: int) -> torch.Tensor:
+        """`fold` undone: (key heads, group * r, d) -> (heads, r, d)."""
+        return folded.reshape(heads, -1, folded.shape[-1])
 
     def add_grads(self, dk: torch.Tensor, dv: torch.Tensor, dscore: torch.Tensor, grads: _Grads, plan: Plan) -> None:
         """Key and value gradients of the first `keys` keys (global rows have no score gradient: no bias)."""
@@ -249,24 +255,25 @@ class _TokenBlocks(NamedTuple):
     rows: slice  # the query rows of the blocks
 
     def build(self, inputs: _Inputs, work: _Workspace) -> tuple[torch.Tensor, ...]:
-        """Scaled queries (heads, c, bs, d), keys and values (heads, c, width + Ks, d), scores (heads, c, bs,
-        width + Ks) and keep-mask (None without dropout)."""
+        """Scaled queries (key heads, c, group * bs, d), keys and values (key heads, c, width + Ks, d), scores
+        (key heads, c, group * bs, width + Ks) and keep-mask (None without dropout)."""
         plan, codes, query = inputs.plan, inputs.codes, inputs.query
-        h, d = query.shape[1], query.shape[-1]
-        c, bs, width = self.stop - self.start, plan.block_size, plan.width
-        q = (self.rows_of(query) * plan.scale).view(h, c, bs, d)
+        h, d = inputs.key.shape[1], query.shape[-1]
+        c, width = self.stop - self.start, plan.width
+        q = self.fold(self.rows_of(query) * plan.scale, h)
         side_rows = self._side_rows(plan)
         shape = (h, c, width + plan.side_count, d)
         k, v = (torch.cat([self._windows(x, plan), rows.take(self.batch, side_rows).view(h, c, -1, d)], dim=2,
                           out=work.get(name, shape, x.dtype, x.device))
                 for name, x, rows in zip(("keys", "values"), (inputs.key, inputs.value), inputs.sides))
-        shape = (h, c, bs, shape[2])
+        shape = (h, c, q.shape[2], shape[2])
         scores = torch.matmul(q, k.transpose(-1, -2), out=work.get("scores", shape, q.dtype, q.device))
-        scores[..., :width] += self._part(inputs.local_scores, h)
-        scores[..., width:] += self._part(inputs.side_scores, h)
+        by_head = scores.view(h, c, -1, plan.block_size, shape[3])  # (key heads, c, group, bs, keys)
+        by_head[..., :width] += self._part(inputs.local_scores, h)[:, :, None]
+        by_head[..., width:] += self._part(inputs.side_scores, h)[:, :, None]
         keep = None
         if codes is not None:
-            rows = codes.rows[self.batch, :, self.rows].view(h, c, bs, 1)
+            rows = self.fold(codes.rows[self.batch, :, self.rows, None], h)
             keys = torch.cat([codes.local[self.start:self.stop], codes.side[self.start:self.stop]], dim=1)
             keep = _keep(rows, keys[:, None], codes.p, shape, q.dtype, work)
         return q, k, v, scores, keep
@@ -275,9 +282,18 @@ class _TokenBlocks(NamedTuple):
         """This chunk's query rows (heads, c * bs, d) of a (batch, heads, G + T, d) tensor."""
         return x[self.batch, :, self.rows]
 
-    def like_queries(self, rows: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """Rows (heads, c * bs, d) shaped as the chunk's queries (heads, c, bs, d)."""
-        return rows.reshape(q.shape)
+    def fold(self, rows: torch.Tensor, key_heads: int) -> torch.Tensor:
+        """Rows (heads, c * bs, x) -> (key heads, c, group * bs, x): block by block, the rows of the query heads
+        of one key head together (head-major within a block). A view when group is 1 and rows are contiguous."""
+        heads, _, x = rows.shape
+        c = self.stop - self.start
+        grouped = rows.reshape(key_heads, heads // key_heads, c, -1, x).transpose(1, 2)
+        return grouped.reshape(key_heads, c, -1, x)
+
+    def unfold(self, folded: torch.Tensor, heads: int) -> torch.Tensor:
+        """`fold` undone: (key heads, c, group * bs, d) -> (heads, c * bs, d)."""
+        key_heads, c, _, d = folded.shape
+        return folded.view(key_heads, c, heads // key_heads, -1, d).transpose(1, 2).reshape(heads, -1, d)
 
     def add_grads(self, dk: torch.Tensor, dv: torch.Tensor, dscore: torch.Tensor, grads: _Grads, plan: Plan) -> None:
         """Fold the window gradients into the token rows, add the side gradients to their source rows, and the

@@ -37,7 +37,9 @@ from .dropout import check_probability, draw_seed, dropout_codes, keep_mask, key
 from .layout import AttentionLayout
 from .masks import LSGMask, local_columns
 from .plan import Plan
-from .sparse import ITEM_KINDS, norm_positions, sparse_items, sparse_kind
+from .sparse import ITEM_KINDS, norm_positions, sparse_items, sparse_kind, sparse_step
+
+KEY_HEAD_KINDS = frozenset({"none", "raw", "norm", "pooling"})  # side keys that depend on their key head alone
 
 # Registered for CPU tensors only: reached through the "cpu_fused" backend alone, which backend_for never
 # selects for another device.
@@ -65,16 +67,28 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
 
     dropout_p (in [0, 1)) drops each attention probability by the keep-mask of `dropout.py`, a pure function of
     a seed drawn once per call from torch's default generator and of (batch row, head, query row, key).
+
+    key and value may have fewer heads than query (grouped-query attention: kv_heads dividing heads, query head
+    h reads key head h // (heads / kv_heads)). Where every side key is a function of its key head alone (sparsity
+    none, raw, norm, pooling) and no bias is given, the blocked kernel gives each key head's key set to all its
+    query heads at once, their rows side by side, and the keys are never repeated; otherwise they are repeated.
     """
     g, t = layout.num_global_tokens, mask.num_tokens
     check_probability(dropout_p)
     if query.shape[-2] != g + t:
         raise ValueError(f"expected {g} global + {t} token rows, got {query.shape[-2]}")
+    heads, key_heads = query.shape[1], key.shape[1]
+    if heads % key_heads or value.shape[1] != key_heads:
+        raise ValueError(f"{heads} query heads cannot share {key_heads} key and {value.shape[1]} value heads: "
+                         "keys and values need the same number of heads, dividing the query heads")
+    if key_heads != heads and (mask.index is None or bias is not None or sparse_kind(layout) not in KEY_HEAD_KINDS):
+        key, value = (x.repeat_interleave(heads // key_heads, dim=1) for x in (key, value))
+        key_heads = heads
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     full_mask = mask.full if mask.any_masked else None
     if mask.index is None:
         return _full_attention(query, key, value, full_mask, g, causal, dropout_p, scale, bias)
-    n, h = query.shape[:2]
+    n = query.shape[0]
     backend = backend_for(query.device)
     side_keys, side_values, rows, side_mask = _side_sources(query, key, value, mask, layout, causal, scale, lsh_seed)
     width = (2 if causal else 3) * layout.block_size
@@ -85,11 +99,13 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     if bias is not None:
         local_scores = local_scores + _local_bias(bias, layout.block_size, width, query.dtype)
         side_scores = side_scores + _side_bias(bias, rows, layout, mask.num_tokens // layout.block_size,
-                                                 query.dtype)
-    plan = Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, h), _folded(side_scores, n, h),
-                 None if causal or full_mask is None else _additive(full_mask, query.dtype), causal)
-    if dropout_p > 0 or (backend == "cpu_fused" and _blocked_on_cpu(query, key, value, bias)):
-        codes = None if dropout_p == 0 else dropout_codes(dropout_p, draw_seed(), n, h, layout, t, width, causal,
+                                                 causal, query.dtype)
+    plan = Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, key_heads),
+                _folded(side_scores, n, key_heads), None if causal or full_mask is None
+                else _additive(full_mask, query.dtype), causal)
+    shared_keys = key_heads != heads  # only the blocked kernel gives one key head to several query heads
+    if dropout_p > 0 or shared_keys or (backend == "cpu_fused" and _blocked_on_cpu(query, key, value, bias)):
+        codes = None if dropout_p == 0 else dropout_codes(dropout_p, draw_seed(), n, heads, layout, t, width, causal,
                                                           query.device)
         return BlockedAttention.apply(query, key, value, side_keys, side_values, plan.local_mask, plan.side_mask,
                                       plan, codes)
@@ -141,10 +157,10 @@ def _side_sources(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     """Where the side keys (globals, sparse windows) of every block come from.
 
     Returns the side key/value sources (None: the keys/values themselves), the source row of every side key
-    (batch or 1, heads or 1, B * Ks), and their mask (batch, 1 or heads, B, 1, Ks). Causal calls keep the
-    globals and the before window only.
+    (batch or 1, heads or 1, B * Ks), and their mask (batch, 1 or heads, B, 1, Ks), heads being the key heads.
+    Causal calls keep the globals and the before window only.
     """
-    n, h, _, _ = query.shape
+    n, h = key.shape[:2]
     g, kind = layout.num_global_tokens, sparse_kind(layout)
     index, blocks = mask.index, mask.blocks
     if causal:
@@ -344,15 +360,19 @@ def _local_bias(bias: RelativeBias, block_size: int, width: int, dtype: torch.dt
     return bias.same_for_heads(distance, 2 * block_size, dtype)[None, :, None]
 
 
-def _side_bias(bias: RelativeBias, rows: torch.Tensor, layout: AttentionLayout, blocks: int, dtype: torch.dtype
-               ) -> torch.Tensor:
-    """(batch or 1, heads, B, bs, Ks) bias of the side keys from their source rows (see `_side_sources`).
+def _side_bias(bias: RelativeBias, rows: torch.Tensor, layout: AttentionLayout, blocks: int, causal: bool,
+               dtype: torch.dtype) -> torch.Tensor:
+    """(batch or 1, heads, B or 1, bs or 1, Ks) bias of the side keys from their source rows (see `_side_sources`).
 
     A side key's position is its token for token sources (position types, norm), and item j's position j * sf for
     computed items (pooling, bos_pooling, lsh); the G global columns in front get 0. Keys that do not exist point
     at source 0 and are masked, so their bias does not matter (their distances may exceed the T tokens' and are
-    clamped).
+    clamped). When the buckets cannot tell the side keys' distances apart (`_bias_by_direction`) the bias is one
+    value per head and direction, and nothing of size B * bs * Ks is built.
     """
+    by_direction = _bias_by_direction(bias, layout, blocks, causal, dtype)
+    if by_direction is not None:
+        return by_direction
     g, bs = layout.num_global_tokens, layout.block_size
     kind = sparse_kind(layout)
     positions = rows - g
@@ -368,6 +388,33 @@ def _side_bias(bias: RelativeBias, rows: torch.Tensor, layout: AttentionLayout, 
         values = bias.per_head(distance, limit, dtype)
     is_global = torch.arange(distance.shape[-1], device=rows.device) < g
     return values.masked_fill(is_global, 0)
+
+
+def _bias_by_direction(bias: RelativeBias, layout: AttentionLayout, blocks: int, causal: bool, dtype: torch.dtype
+                       ) -> torch.Tensor | None:
+    """(1, heads, 1, 1, Ks) side bias [0 for the globals | the before window's | the after window's], when it is
+    exact: every sparse key lies more than block_size from every query of its block and every such distance of
+    one direction falls in one bucket; None otherwise.
+
+    The sparse windows lie outside the local window (sparse items of block b come from token block b, and the
+    windows start two blocks away), except for an odd sparse step, whose after window is shifted into it. With
+    T5's defaults (32 buckets, max distance 128) every block_size >= 90 qualifies: the side bias is then two
+    values per head, for any sparsity type. The buckets are checked on the CPU over every distance that can occur.
+    """
+    g, bs, sbs, tokens = layout.num_global_tokens, layout.block_size, layout.sparse_block_size, blocks * layout.block_size
+    windows = (1 if causal else 2) if layout.has_sparse_keys else 0
+    heads = bias.num_heads
+    if windows and sparse_step(layout) % 2:
+        return None
+    parts = [torch.zeros(heads, g, dtype=dtype, device=bias.table.device)]
+    if windows:
+        distances = torch.arange(bs + 1, max(tokens, bs + 1) + 1)
+        for sign in (-1, 1)[:windows]:
+            buckets = bias.bucket(sign * distances)
+            if bool((buckets != buckets[0]).any()):
+                return None
+            parts.append(bias.table[int(buckets[0])].to(dtype)[:, None].expand(heads, sbs))
+    return torch.cat(parts, dim=1)[None, :, None, None]
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,7 +33,8 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
     """LSG attention of one converted module; (batch, n, heads, d) out and no attention weights.
 
     Keys with fewer heads than the queries (grouped-query attention) are shared by SDPA on the full-attention
-    path (at most two blocks, without dropout) and repeated to the query heads otherwise. A
+    path (at most two blocks, without dropout) and handed to `lsg_attention` as they are otherwise, which shares
+    them where the sparsity type allows and repeats them where it does not. A
     `position_bias` keyword (T5) must be a RelativeBias, applied inside every key set: a dense (n, n) bias
     cannot be, and would cost the memory LSG saves. With an LSGCache in the call (causal stacks), a prompt also
     stores what later tokens can read, and a call after the prompt attends through the cache.
@@ -69,8 +70,7 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
         output = grouped_full_attention(query, key, value, call.mask, call.layout.num_global_tokens, causal=causal,
                                         dropout_p=dropout, scale=scaling)
     else:
-        keys, values = (key, value) if repeats == 1 else (x.repeat_interleave(repeats, dim=1) for x in (key, value))
-        output = lsg_attention(query, keys, values, call.mask, call.layout, dropout_p=dropout, causal=causal,
+        output = lsg_attention(query, key, value, call.mask, call.layout, dropout_p=dropout, causal=causal,
                                scale=scaling, lsh_seed=lsh_seed, bias=bias)
     if cache is not None and not call.continues:
         cache.store_prompt(module.layer_idx, query, key, value, repeats, call.mask.tokens, _scale(query, scaling),
