@@ -19,7 +19,11 @@
    dense `scaled_dot_product_attention` on the same tensors, forward and forward+backward; the time per generated
    token after a long prompt, LSGCache against transformers' dense cache (SDPA); without --quick also a BERT-base
    model converted with `to_lsg` against the same shape with sdpa, forward only.
-4. A markdown report (--out: date, device, versions, command, the tables), also printed at the end.
+3. Grouped-query attention: `lsg_attention` with 32 query heads sharing 8 key heads, against keys repeated first.
+4. Model steps (issue 13 on the device): forward and training step of whole models, lsg_patch with and without
+   attention dropout against full SDPA and the sparse peers of benchmarks/run.py, in fp32 and under fp16 / bf16
+   autocast, at the default shape (4096 and 16384 tokens) and BERT-base size (4096).
+5. A markdown report (--out: date, device, versions, command, the tables), also printed at the end.
 
 fp16 is left out on the CPU. A CPU run without --quick uses the GPU sizes (up to 32768 tokens): it takes long.
 """
@@ -68,6 +72,7 @@ MODEL_STEPS = (
                  "longt5-local", "longt5-tglobal", "t5-lsg-128-128-norm"), (4096, 16384)),
     ("base", ("lsg-128-128-norm", "lsg-128-128-norm-nodrop", "sdpa", "sdpa-nodrop"), (4096,)),
 )
+GROUPED_HEADS = (32, 8, 64)  # query heads, key heads, head size (Llama-3-8B's grouping)
 QUICK_MODEL_STEPS = (("toy", ("lsg-128-128-norm", "lsg-128-128-norm-nodrop", "sdpa"), (512,)),)
 SELECTION_RTOL = 1e-1  # low-precision golden cases that pick keys by norm (see `golden_tolerance`)
 WARMUP, RUNS = 2, 5
@@ -428,6 +433,51 @@ def timing_rows(device: torch.device, quick: bool) -> list[Timing]:
     return rows
 
 
+@dataclass
+class GroupedRow:
+    """One row of the grouped-query table: shared key heads against keys repeated to the query heads first."""
+
+    tokens: int
+    dtype: str
+    mode: str
+    shared: Measurement
+    repeated: Measurement
+
+    def line(self) -> str:
+        return (f"GQA   {self.tokens} tokens [{self.dtype}] {self.mode}: shared {show_ms(self.shared)} ms, "
+                f"repeated {show_ms(self.repeated)} ms")
+
+
+def grouped_rows(device: torch.device, quick: bool) -> list[GroupedRow]:
+    """`lsg_attention` (default layout) on GROUPED_HEADS query heads sharing their key heads, against the same
+    call on keys repeated to the query heads first (what the seam did before it could share them)."""
+    heads, key_heads, head_dim = (4, 2, 32) if quick else GROUPED_HEADS
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layout = AttentionLayout()
+    rows = []
+    for tokens in (512,) if quick else (4096, 16384):
+        length = layout.num_global_tokens + tokens
+        query = torch.randn(1, heads, length, head_dim, device=device, dtype=dtype)
+        key, value = (torch.randn(1, key_heads, length, head_dim, device=device, dtype=dtype) for _ in range(2))
+        mask = prepare_mask(torch.ones(1, tokens, dtype=torch.bool, device=device), layout)
+
+        def shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return lsg_attention(q, k, v, mask, layout)
+
+        def repeated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k, v = (x.repeat_interleave(heads // key_heads, dim=1) for x in (k, v))
+            return lsg_attention(q, k, v, mask, layout)
+
+        for mode in MODES:
+            measured = []
+            for fn in (shared, repeated):
+                measured.append(measure(attention_step(fn, (query, key, value), mode), device))
+                release(device)
+            rows.append(GroupedRow(tokens, dtype_name(dtype), mode, *measured))
+            print(rows[-1].line(), flush=True)
+    return rows
+
+
 def decoder(device: torch.device, lsg: dict | None, hidden: int = 64, layers: int = 2) -> torch.nn.Module:
     """A Llama with random weights (2 key/value heads for 4 query heads), converted with `lsg` unless None."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -642,7 +692,7 @@ def checkout() -> str:
 
 
 def render(device: torch.device, dtypes: list[torch.dtype], quick: bool, checks: list[Check],
-           timings: list[Timing], steps: list[ModelStep], seconds: float) -> str:
+           timings: list[Timing], grouped: list[GroupedRow], steps: list[ModelStep], seconds: float) -> str:
     """The markdown report: header (date, device, versions, command), correctness table, timing table."""
     failed = sum(not c.passed for c in checks) + sum(m.status.startswith("error") for t in timings
                                                      for m in (t.lsg, t.dense))
@@ -689,6 +739,19 @@ def render(device: torch.device, dtypes: list[torch.dtype], quick: bool, checks:
         ratio = f"{t.dense.ms / t.lsg.ms:.2f}" if t.lsg.status == t.dense.status == "ok" else "-"
         lines.append(f"| {t.what} | {t.tokens} | {t.dtype} | {t.mode} | {show_ms(t.lsg)} | {show_ms(t.dense)} | "
                      f"{ratio} | {show_mib(t.lsg)} | {show_mib(t.dense)} |")
+    heads, key_heads, head_dim = GROUPED_HEADS
+    lines += [
+        "", "## Grouped-query attention: shared key heads against repeated keys", "",
+        f"`lsg_attention` (default layout) with {'4 query heads sharing 2 key heads of 32' if quick else f'{heads} query heads sharing {key_heads} key heads of {head_dim}'}: "
+        "shared = the keys as they are, repeated = `repeat_interleave` to the query heads first, then the same "
+        f"call; forward under no_grad, train = forward + backward to q, k, v. {memory}.", "",
+        "| tokens | dtype | mode | shared ms | repeated ms | repeated/shared | shared peak MiB | repeated peak MiB |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in grouped:
+        ratio = f"{r.repeated.ms / r.shared.ms:.2f}" if r.shared.status == r.repeated.status == "ok" else "-"
+        lines.append(f"| {r.tokens} | {r.dtype} | {r.mode} | {show_ms(r.shared)} | {show_ms(r.repeated)} | {ratio} | "
+                     f"{show_mib(r.shared)} | {show_mib(r.repeated)} |")
     lines += [
         "", "## Model steps", "",
         f"Whole models built by benchmarks/run.py (random weights; BERT-family systems keep BERT's dropout 0.1, "
@@ -725,14 +788,16 @@ def main(argv: list[str] | None = None) -> int:
     cache_checks(device, checks)
     dropout_checks(device, checks)
     timings = timing_rows(device, args.quick)
+    grouped = grouped_rows(device, args.quick)
     steps = model_step_rows(device, args.quick)
-    report = render(device, dtypes, args.quick, checks, timings, steps, time.perf_counter() - started)
+    report = render(device, dtypes, args.quick, checks, timings, grouped, steps, time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print("\n" + report, flush=True)
     failures = [c.line() for c in checks if not c.passed] + [
         t.line() for t in timings if "error" in (t.lsg.status + t.dense.status)] + [
-        r.line() for r in steps if r.system.startswith("lsg") and "error" in r.forward.status + r.train.status]
+        r.line() for r in steps if r.system.startswith("lsg") and "error" in r.forward.status + r.train.status] + [
+        r.line() for r in grouped if "error" in r.shared.status + r.repeated.status]
     if failures:
         print(f"FAIL: {len(failures)} failed (report: {args.out})\n" + "\n".join(failures), flush=True)
         return 1

@@ -54,4 +54,6 @@ def test_quick_cpu_run_passes_and_reports_every_check(tmp_path: Path) -> None:
         for precision in ("fp32", "bf16 autocast"):
             assert f"| toy | {system} | 512 | {precision} |" in report
     assert "- toy shape, 512 tokens, fp32: lsg_patch trains in" in report
+    for mode in ("forward", "train"):
+        assert f"\n| 512 | float32 | {mode} |" in report  # a row of the grouped-query table
     assert "FAIL" not in report and "PASS: all" in done.stdout
