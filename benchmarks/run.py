@@ -224,8 +224,11 @@ def child_main(spec: dict) -> None:
             _emit({"event": "over_time", "phase": phase,
                    "note": f"one warm-up run took {per_run:.1f} s, so {spec['min_runs']} runs exceed the bound"})
             return  # later phases are slower still
+        if spec.get("page_in"):  # the kernels' code is read from the libraries now, not during the measured step
+            step(model, make_inputs(system, spec["page_in"], spec["batch"]))
+            model.zero_grad(set_to_none=True)
         exact_peak = _reset_peak()
-        baseline_kib = _status_kib("VmRSS")
+        baseline_kib, file_kib = _status_kib("VmRSS"), _status_kib("RssFile")
         times: list[float] = []
         planned = spec["runs"]
         while len(times) < planned:
@@ -238,7 +241,8 @@ def child_main(spec: dict) -> None:
         model.zero_grad(set_to_none=True)
         _emit({"event": "done", "phase": phase, "times": times, "median_s": statistics.median(times),
                "peak_mib": (peak_kib - baseline_kib) / 1024, "rss_mib": peak_kib / 1024,
-               "baseline_mib": baseline_kib / 1024, "exact_peak": exact_peak})
+               "baseline_mib": baseline_kib / 1024, "exact_peak": exact_peak,
+               "paged_in_mib": (_status_kib("RssFile") - file_kib) / 1024})
 
 
 def dtype_check_main(args: argparse.Namespace) -> None:
@@ -311,6 +315,7 @@ class Row:
     peak_mib: float | None = None
     rss_mib: float | None = None
     note: str = ""
+    paged_in_mib: float | None = None  # library code paged in (file-backed RSS) during the measured runs
 
 
 def _predict(history: list[tuple[int, float]], length: int) -> float | None:
@@ -337,7 +342,7 @@ def run_config(system: System, length: int, phases: list[str], args: argparse.Na
     spec = dict(system=system.key, length=length, phases=phases, size=args.size, dtype=args.dtype,
                 threads=args.threads, batch=args.batch, warmup=args.warmup, runs=args.runs,
                 min_runs=min_runs(system, length, args), time_limit=args.time_limit, budget=args.budget,
-                max_length=args.max_length)
+                max_length=args.max_length, page_in=args.page_in)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     if args.cold_memory:  # glibc then returns every freed tensor at once: the RSS peak is the live-memory peak
         env["MALLOC_MMAP_THRESHOLD_"] = str(COLD_MMAP_THRESHOLD)
@@ -386,7 +391,8 @@ def run_config(system: System, length: int, phases: list[str], args: argparse.Na
         if phase in done:
             r = done[phase]
             rows.append(Row(system.key, length, phase, "ok", r["median_s"], len(r["times"]), r["times"],
-                            r["peak_mib"], r["rss_mib"], "" if r["exact_peak"] else "peak includes model build"))
+                            r["peak_mib"], r["rss_mib"], "" if r["exact_peak"] else "peak includes model build",
+                            r.get("paged_in_mib")))
         elif killed:
             status, note = killed.split(":", 1)
             rows.append(Row(system.key, length, phase, status, note=note))
@@ -440,8 +446,9 @@ def _predicted_bound(history: list[tuple[int, float, float]], length: int, runs:
 
 def _print_row(row: Row) -> None:
     if row.status == "ok":
+        paged_in = "" if row.paged_in_mib is None else f" ({row.paged_in_mib:.2f} MiB of library code paged in)"
         print(f"  {row.system:18s} {row.length:6d} {row.phase:8s} {row.median_s:8.3f} s (n={row.runs})"
-              f" {row.peak_mib:9.1f} MiB", flush=True)
+              f" {row.peak_mib:9.1f} MiB{paged_in}", flush=True)
     else:
         print(f"  {row.system:18s} {row.length:6d} {row.phase:8s} {row.status}: {row.note}", flush=True)
 
@@ -618,8 +625,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="peak memory of one cold step (no warm-up, one run) per fresh process, with glibc's "
                              f"mmap threshold at {COLD_MMAP_THRESHOLD // 1024} KiB so that freed tensors leave the "
                              "RSS at once (reproducible to 0.1 MiB); its times are not comparable with other runs")
+    parser.add_argument("--page-in", type=int, default=0, metavar="TOKENS",
+                        help="with --cold-memory: one step at this length first, so that the code of the kernels "
+                             "the step runs is already paged in from the libraries (file-backed pages count in the "
+                             "RSS, and systems that run more distinct kernels page in more)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.page_in and not args.cold_memory:
+        parser.error("--page-in only applies to --cold-memory runs (warm runs are paged in by their warm-up)")
     if args.cold_memory:
         args.warmup, args.runs, args.min_runs = 0, 1, 1
     if args.quick:
