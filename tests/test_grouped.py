@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lsg_patch
-from lsg_patch.attention import AttentionLayout, lsg_attention, prepare_mask
+from lsg_patch.attention import AttentionLayout, backends, lsg_attention, prepare_mask
 from lsg_patch.attention.grouped import grouped_full_attention
 from lsg_patch.attention.product import KEY_HEAD_KINDS
 from lsg_patch.attention.sparse import sparse_kind
@@ -124,9 +124,14 @@ def test_block_path_dropout_is_that_of_repeated_keys(case: dict) -> None:
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("backend", ["auto", "portable"])
 @pytest.mark.parametrize("kind", ["none", "norm", "pooling", "stride", "lsh"])
-def test_keys_are_repeated_only_where_the_side_keys_need_the_query_head(kind: str,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_are_shared_where_the_side_keys_allow_it_and_the_blocked_kernel_runs(
+        kind: str, backend: str, dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared on the CPU's default backend and with dropout; the portable path (CUDA's) repeats them without
+    dropout, where SDPA on repeated keys is the faster kernel; types with per-query-head side keys always do."""
+    monkeypatch.setenv(backends.BACKEND_VARIABLE, backend)
     layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_factor=2,
                              sparsity_type=kind)
     repeats = []
@@ -134,8 +139,10 @@ def test_keys_are_repeated_only_where_the_side_keys_need_the_query_head(kind: st
     monkeypatch.setattr(torch.Tensor, "repeat_interleave",
                         lambda self, *args, **kwargs: repeats.append(1) or original(self, *args, **kwargs))
     query, key, value = (torch.randn(1, heads, 33, 8) for heads in (4, 2, 2))
-    lsg_attention(query, key, value, prepare_mask(torch.ones(1, 32, dtype=torch.bool), layout), layout)
-    assert bool(repeats) == (sparse_kind(layout) not in KEY_HEAD_KINDS)
+    lsg_attention(query, key, value, prepare_mask(torch.ones(1, 32, dtype=torch.bool), layout), layout,
+                  dropout_p=dropout)
+    shared = sparse_kind(layout) in KEY_HEAD_KINDS and (backend == "auto" or dropout > 0)
+    assert bool(repeats) != shared
 
 
 def test_mismatched_heads_are_refused() -> None:

@@ -69,9 +69,8 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     a seed drawn once per call from torch's default generator and of (batch row, head, query row, key).
 
     key and value may have fewer heads than query (grouped-query attention: kv_heads dividing heads, query head
-    h reads key head h // (heads / kv_heads)). Where every side key is a function of its key head alone (sparsity
-    none, raw, norm, pooling) and no bias is given, the blocked kernel gives each key head's key set to all its
-    query heads at once, their rows side by side, and the keys are never repeated; otherwise they are repeated.
+    h reads key head h // (heads / kv_heads)). See `_shares_key_heads` for when the keys are used as they are
+    and when they are repeated to the query heads.
     """
     g, t = layout.num_global_tokens, mask.num_tokens
     check_probability(dropout_p)
@@ -81,7 +80,7 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     if heads % key_heads or value.shape[1] != key_heads:
         raise ValueError(f"{heads} query heads cannot share {key_heads} key and {value.shape[1]} value heads: "
                          "keys and values need the same number of heads, dividing the query heads")
-    if key_heads != heads and (mask.index is None or bias is not None or sparse_kind(layout) not in KEY_HEAD_KINDS):
+    if key_heads != heads and not _shares_key_heads(layout, mask, bias, dropout_p, query.device):
         key, value = (x.repeat_interleave(heads // key_heads, dim=1) for x in (key, value))
         key_heads = heads
     scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -112,6 +111,22 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     if backend == "cpu_fused":
         return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
     return _portable_attention(query, key, value, side_keys, side_values, plan)
+
+
+def _shares_key_heads(layout: AttentionLayout, mask: LSGMask, bias: RelativeBias | None, dropout_p: float,
+                      device: torch.device) -> bool:
+    """Whether grouped-query keys go to the blocked kernel as they are, each key head's key set serving all its
+    query heads at once (their rows side by side), rather than repeated to the query heads.
+
+    Only on the block path, for sparsity types whose side keys depend on their key head alone (none, raw, norm,
+    pooling), without a bias, and where the blocked kernel is the fast choice: the CPU's default backend
+    (1.2-1.3x faster, 2.8-4.2x less memory than repeated keys: benchmarks/results/grouped.md) and dropout on any
+    device. Without dropout on CUDA the portable path's fused SDPA on repeated keys was 2-7x faster on an H200,
+    at 4-8x the memory (benchmarks/results/gpu.md), so the keys are repeated there.
+    """
+    if mask.index is None or bias is not None or sparse_kind(layout) not in KEY_HEAD_KINDS:
+        return False
+    return dropout_p > 0 or backend_for(device) == "cpu_fused"
 
 
 def _blocked_on_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: RelativeBias | None) -> bool:
