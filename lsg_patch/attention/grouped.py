@@ -1,10 +1,10 @@
 """LSG's full-attention path (inputs of at most two blocks) for grouped-query attention, without repeated keys.
 
-Llama, Mistral, Qwen2 and EuroBERT give fewer key/value heads than query heads. `lsg_attention` takes as many key
-heads as query heads, so the seam repeats them; on the full-attention path one
-`scaled_dot_product_attention(..., enable_gqa=True)` call shares each key head with its query heads instead, with
-the same key set as `lsg_attention` there: every key of [globals; tokens], padding masked; causal: a global query
-sees the globals, a token query the globals and the tokens up to itself.
+Llama, Mistral, Qwen2 and EuroBERT give fewer key/value heads than query heads. On the block path `lsg_attention`
+shares them itself where it can (`product._shares_key_heads`); on the full-attention path, without dropout, one
+`scaled_dot_product_attention(..., enable_gqa=True)` call shares each key head with its query heads, with the same
+key set as `lsg_attention` there: every key of [globals; tokens], padding masked; causal: a global query sees the
+globals, a token query the globals and the tokens up to itself.
 """
 from __future__ import annotations
 
