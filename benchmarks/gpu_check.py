@@ -450,7 +450,8 @@ class GroupedRow:
 
 def grouped_rows(device: torch.device, quick: bool) -> list[GroupedRow]:
     """`lsg_attention` (default layout) on GROUPED_HEADS query heads sharing their key heads, against the same
-    call on keys repeated to the query heads first (what the seam did before it could share them)."""
+    call on keys repeated to the query heads first (what the seam did before it could share them); forward,
+    training, and training with attention dropout 0.1 (where the blocked kernel runs on every device)."""
     heads, key_heads, head_dim = (4, 2, 32) if quick else GROUPED_HEADS
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     layout = AttentionLayout()
@@ -460,18 +461,17 @@ def grouped_rows(device: torch.device, quick: bool) -> list[GroupedRow]:
         query = torch.randn(1, heads, length, head_dim, device=device, dtype=dtype)
         key, value = (torch.randn(1, key_heads, length, head_dim, device=device, dtype=dtype) for _ in range(2))
         mask = prepare_mask(torch.ones(1, tokens, dtype=torch.bool, device=device), layout)
+        for mode, dropout in (("forward", 0.0), ("train", 0.0), ("train, dropout 0.1", 0.1)):
+            def shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float = dropout) -> torch.Tensor:
+                return lsg_attention(q, k, v, mask, layout, dropout_p=p)
 
-        def shared(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return lsg_attention(q, k, v, mask, layout)
+            def repeated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float = dropout) -> torch.Tensor:
+                k, v = (x.repeat_interleave(heads // key_heads, dim=1) for x in (k, v))
+                return lsg_attention(q, k, v, mask, layout, dropout_p=p)
 
-        def repeated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k, v = (x.repeat_interleave(heads // key_heads, dim=1) for x in (k, v))
-            return lsg_attention(q, k, v, mask, layout)
-
-        for mode in MODES:
             measured = []
             for fn in (shared, repeated):
-                measured.append(measure(attention_step(fn, (query, key, value), mode), device))
+                measured.append(measure(attention_step(fn, (query, key, value), mode.split(",")[0]), device))
                 release(device)
             rows.append(GroupedRow(tokens, dtype_name(dtype), mode, *measured))
             print(rows[-1].line(), flush=True)
@@ -744,7 +744,8 @@ def render(device: torch.device, dtypes: list[torch.dtype], quick: bool, checks:
         "", "## Grouped-query attention: shared key heads against repeated keys", "",
         f"`lsg_attention` (default layout) with {'4 query heads sharing 2 key heads of 32' if quick else f'{heads} query heads sharing {key_heads} key heads of {head_dim}'}: "
         "shared = the keys as they are, repeated = `repeat_interleave` to the query heads first, then the same "
-        f"call; forward under no_grad, train = forward + backward to q, k, v. {memory}.", "",
+        f"call (which shares them only where that is the faster choice: see `product._shares_key_heads`); forward "
+        f"under no_grad, train = forward + backward to q, k, v. {memory}.", "",
         "| tokens | dtype | mode | shared ms | repeated ms | repeated/shared | shared peak MiB | repeated peak MiB |",
         "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
