@@ -64,6 +64,9 @@ SYSTEMS = {
         System("lsg-128-128-norm-nodrop", "lsg", dict(block_size=128, sparse_block_size=128, sparsity_factor=2,
                                                       sparsity_type="norm", dropout=0.0), True, ("train",),
                label="lsg_patch 128/128 norm, dropout 0"),
+        System("lsg-128-128-norm-ckpt", "lsg", dict(block_size=128, sparse_block_size=128, sparsity_factor=2,
+                                                    sparsity_type="norm", checkpointing=True), False, ("train",),
+               label="lsg_patch 128/128 norm, gradient checkpointing"),
         System("lsg-256-0", "lsg", dict(block_size=256, sparse_block_size=0), True, label="lsg_patch 256/0"),
         System("lsg-bos-sf8", "lsg", dict(block_size=128, sparse_block_size=128, sparsity_factor=8,
                                           sparsity_type="bos_pooling"), True, label="lsg_patch bos_pooling sf 8"),
@@ -83,6 +86,7 @@ SYSTEMS = {
     )
 }
 DEFAULT_LSG = "lsg-128-128-norm"
+CHECKPOINTED_LSG = "lsg-128-128-norm-ckpt"
 TARGET_LENGTHS = (4096, 16384)
 BF16_RTOL = 1.6e-2  # torch.testing's default relative tolerance for bfloat16
 COLD_MMAP_THRESHOLD = 64 * 1024  # bytes; --cold-memory: larger allocations are mmap'd and unmapped when freed
@@ -104,11 +108,14 @@ def build_model(system: System, shape: dict, max_length: int) -> Any:
             sys.path.insert(0, str(ROOT))
         import lsg_patch
 
-        lsg_options = {k: v for k, v in opts.items() if k != "dropout"}
+        lsg_options = {k: v for k, v in opts.items() if k not in ("dropout", "checkpointing")}
         config = AutoConfig.for_model("bert", max_position_embeddings=512,
                                       attention_probs_dropout_prob=opts.get("dropout", 0.1), **common)
         model = AutoModel.from_config(config, attn_implementation="sdpa")
-        return lsg_patch.to_lsg(model, max_length=max_length, bos_token_id=101, mask_token_id=103, **lsg_options)
+        model = lsg_patch.to_lsg(model, max_length=max_length, bos_token_id=101, mask_token_id=103, **lsg_options)
+        if opts.get("checkpointing"):  # transformers' own, whole layers (5.x's new name where it exists)
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        return model
     if system.family == "bert":
         config = AutoConfig.for_model("bert", max_position_embeddings=max_length,
                                       attention_probs_dropout_prob=opts["dropout"], **common)
@@ -520,12 +527,21 @@ def target_report(rows: list[Row], size: str) -> str:
             compare(DEFAULT_LSG, "sdpa-nodrop", length, "train")
             compare("lsg-128-128-norm-nodrop", "sdpa-nodrop", length, "train")
     else:
-        peers = [s.key for s in SYSTEMS.values() if s.global_path and s.family != "lsg"]
+        peers = [s.key for s in SYSTEMS.values() if s.global_path and s.family not in ("lsg", "t5-lsg")]
         for length in TARGET_LENGTHS:
             for phase in PHASES:
                 for peer in peers:
                     compare(DEFAULT_LSG, peer, length, phase)
                 compare("lsg-32-32-norm", "longt5-local", length, phase)
+                compare("t5-lsg-128-128-norm", "longt5-tglobal", length, phase)
+            plain, forward = index.get((DEFAULT_LSG, length, "train")), index.get((DEFAULT_LSG, length, "forward"))
+            checkpointed = index.get((CHECKPOINTED_LSG, length, "train"))
+            if plain and forward and checkpointed and plain.status == forward.status == checkpointed.status == "ok":
+                extra = checkpointed.median_s - plain.median_s  # the recomputation: a train-mode forward
+                lines.append(f"- info gradient checkpointing at {length}: {checkpointed.median_s:.3f} vs "
+                             f"{plain.median_s:.3f} s, {extra:.3f} s more (one eval forward: {forward.median_s:.3f} "
+                             f"s; a train-mode forward records autograd and drops out, and costs more); memory "
+                             f"{checkpointed.peak_mib:.0f} vs {plain.peak_mib:.0f} MiB")
         for key in [k for k in SYSTEMS if SYSTEMS[k].family == "lsg"]:
             a, b = index.get((key, 4096, "forward")), index.get((key, 16384, "forward"))
             if a and b and a.status == b.status == "ok":
