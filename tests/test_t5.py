@@ -19,7 +19,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 from transformers.models.umt5.modeling_umt5 import UMT5Attention
 
 import lsg_patch
-from lsg_patch.attention import RelativeBias, lsg_attention
+from lsg_patch.attention import AttentionLayout, RelativeBias, lsg_attention, prepare_mask
 from lsg_patch.attention.backends import BACKEND_VARIABLE
 from tests.oracle import oracle_attention
 from tests.test_architectures import build
@@ -59,6 +59,31 @@ def test_bias_matches_the_oracle(backend: str, kind: str, data: st.DataObject) -
     want = oracle_attention(case.query, case.key, case.value, case.token_mask, case.layout, scale=case.scale,
                             bias=oracle_bias(bias), causal=causal)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("block_size", "factor", "by_direction"), [
+    (128, 2, True),    # T5's defaults: every distance past a block is in the last bucket of its direction
+    (64, 2, False),    # distances 65..90 still have buckets of their own
+    (96, 32, False),   # an odd sparse step (3): the after window reaches into the local window
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_side_bias_is_one_value_per_head_and_direction_when_the_buckets_allow(
+        block_size: int, factor: int, by_direction: bool, causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The (batch, heads, B, bs, Ks) side bias is not built when the buckets cannot tell the side keys apart; the
+    outputs match the oracle either way (test_bias_matches_the_oracle)."""
+    layout = AttentionLayout(num_global_tokens=2, block_size=block_size, sparse_block_size=block_size,
+                             sparsity_factor=factor, sparsity_type="pooling")
+    bias = t5_bias(3, 32, 128, 0)
+    built = []
+    monkeypatch.setattr(RelativeBias, "same_for_heads", lambda self, distance, *args: built.append(
+        tuple(distance.shape)) or RelativeBias.by_distance(self, *args)[distance.clamp(-args[0], args[0]) + args[0]]
+        .movedim(-1, 0))
+    tokens = 4 * block_size
+    query, key, value = torch.randn(3, 1, 3, 2 + tokens, 8, dtype=torch.float64)
+    lsg_attention(query, key, value, prepare_mask(torch.ones(1, tokens, dtype=torch.bool), layout), layout,
+                  bias=bias, causal=causal)
+    side_shapes = [shape for shape in built if len(shape) == 4]  # (1, B, bs, Ks): the per-key side bias
+    assert bool(side_shapes) != by_direction, built
 
 
 @pytest.mark.parametrize("trainable", [True, False])  # False: the fused CPU backward, with the bias in its masks
