@@ -559,6 +559,7 @@ def plot(rows: list[Row], systems: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    colours = plt.get_cmap("tab20").colors  # one colour per system (up to 20): the default cycle has only 10
     panels = [("forward", "median_s", "forward time (s)"), ("train", "median_s", "forward+backward time (s)"),
               ("forward", "peak_mib", "forward peak memory (MiB)"), ("train", "peak_mib", "train peak memory (MiB)")]
     for axis, (phase, attr, title) in zip(axes.flat, panels):
@@ -566,8 +567,8 @@ def plot(rows: list[Row], systems: list[str], path: Path) -> None:
             points = sorted((r.length, getattr(r, attr)) for r in rows
                             if r.system == key and r.phase == phase and r.status == "ok" and getattr(r, attr) > 0)
             if points:
-                style = "-" if SYSTEMS[key].family == "lsg" else "--"
-                axis.plot(*zip(*points), style, marker="o", label=SYSTEMS[key].label, color=f"C{i % 10}")
+                style = "-" if SYSTEMS[key].family in ("lsg", "t5-lsg") else "--"
+                axis.plot(*zip(*points), style, marker="o", label=SYSTEMS[key].label, color=colours[i % len(colours)])
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_title(title)
