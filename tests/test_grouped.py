@@ -1,5 +1,5 @@
-"""Grouped-query attention without repeated keys: on LSG's full-attention path (at most two blocks, SDPA shares
-the key heads) and on its block path (the blocked kernel stacks the query heads of one key head, for the
+"""Grouped-query attention without repeated keys: on LSG's full-attention path (at most two blocks, without dropout,
+SDPA shares the key heads) and on its block path (the blocked kernel stacks the query heads of one key head, for the
 sparsity types whose side keys depend on the key head alone; the others repeat the keys).
 
 Oracle: tests/oracle.py's float64 LSG attention, per head, on keys repeated to the query heads here; with
@@ -12,66 +12,29 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lsg_patch
 from lsg_patch.attention import AttentionLayout, backends, lsg_attention, prepare_mask
-from lsg_patch.attention.grouped import grouped_full_attention
 from lsg_patch.attention.product import KEY_HEAD_KINDS
 from lsg_patch.attention.sparse import sparse_kind
-from lsg_patch.seam import interface
 from tests.oracle import oracle_attention
 from tests.test_architectures import build
 from tests.test_decoders import LSG, MAX_LENGTH, oracle_hidden
 
 
+GROUPS = [(2, 1), (4, 2), (4, 1), (6, 3)]  # (query heads, key heads)
+
+
 @st.composite
 def cases(draw: st.DrawFn) -> dict:
-    heads, kv_heads = draw(st.sampled_from([(2, 1), (4, 2), (4, 1), (6, 3)]))
+    """Inputs that take the full-attention path (at most two blocks), padded rows."""
+    heads, kv_heads = draw(st.sampled_from(GROUPS))
     layout = AttentionLayout(num_global_tokens=draw(st.integers(1, 3)), block_size=8, sparse_block_size=0,
                              sparsity_type="none")
     tokens, batch = draw(st.integers(1, 16)), draw(st.integers(1, 2))
-    token_mask = torch.stack([torch.arange(tokens) < draw(st.integers(1, tokens)) for _ in range(batch)])
-    return dict(heads=heads, kv_heads=kv_heads, layout=layout, token_mask=token_mask, causal=draw(st.booleans()),
-                seed=draw(st.integers(0, 99)))
-
-
-@settings(max_examples=40, deadline=None)
-@given(cases())
-def test_matches_the_oracle_on_repeated_keys_forward_and_gradients(case: dict) -> None:
-    layout, token_mask = case["layout"], case["token_mask"]
-    batch, length = token_mask.shape[0], layout.num_global_tokens + token_mask.shape[1]
-    generator = torch.Generator().manual_seed(case["seed"])
-    query = torch.randn(batch, case["heads"], length, 8, generator=generator, dtype=torch.float64, requires_grad=True)
-    key, value = (torch.randn(batch, case["kv_heads"], length, 8, generator=generator, dtype=torch.float64,
-                              requires_grad=True) for _ in range(2))
-    got = grouped_full_attention(query, key, value, prepare_mask(token_mask, layout), layout.num_global_tokens,
-                                 causal=case["causal"], scale=0.4)
-    groups = case["heads"] // case["kv_heads"]
-    expected = oracle_attention(query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1),
-                                token_mask, layout, causal=case["causal"], scale=0.4)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    upstream = torch.randn_like(got)
-    for grad, expected_grad in zip(torch.autograd.grad(got, (query, key, value), upstream),
-                                   torch.autograd.grad(expected, (query, key, value), upstream)):
-        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
-
-
-GROUPS = [(2, 1), (4, 2), (4, 1), (6, 3)]
-
-
-@st.composite
-def block_cases(draw: st.DrawFn) -> dict:
-    """Inputs that take the block path (more than two blocks), every sparsity type, padded rows."""
-    heads, kv_heads = draw(st.sampled_from(GROUPS))
-    block = draw(st.sampled_from([4, 8]))
-    factor = draw(st.sampled_from([1, 2, 4]))
-    layout = AttentionLayout(num_global_tokens=draw(st.integers(1, 3)), block_size=block,
-                             sparse_block_size=draw(st.sampled_from([0, block // 2, block])), sparsity_factor=factor,
-                             sparsity_type=draw(st.sampled_from(["norm", "pooling", "stride", "block_stride", "lsh",
-                                                                 "bos_pooling"])))
-    tokens, batch = block * draw(st.integers(3, 6)), draw(st.integers(1, 2))
     token_mask = torch.stack([torch.arange(tokens) < draw(st.integers(1, tokens)) for _ in range(batch)])
     return dict(heads=heads, kv_heads=kv_heads, layout=layout, token_mask=token_mask, causal=draw(st.booleans()),
                 seed=draw(st.integers(0, 99)))
@@ -92,6 +55,43 @@ def repeated(case: dict, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [x.repeat_interleave(case["heads"] // case["kv_heads"], 1) for x in tensors]
 
 
+def assert_same_with_gradients(got: torch.Tensor, expected: torch.Tensor, leaves: tuple[torch.Tensor, ...],
+                               atol: float) -> None:
+    """Outputs, and the gradients of the leaves for one random upstream gradient, equal to atol."""
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+    upstream = torch.randn_like(got)
+    for grad, expected_grad in zip(torch.autograd.grad(got, leaves, upstream),
+                                   torch.autograd.grad(expected, leaves, upstream)):
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=atol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_full_path_matches_the_oracle_on_repeated_keys_forward_and_gradients(case: dict) -> None:
+    layout, token_mask, causal = case["layout"], case["token_mask"], case["causal"]
+    query, key, value = grouped_inputs(case)
+    got = lsg_attention(query, key, value, prepare_mask(token_mask, layout), layout, causal=causal, scale=0.4)
+    expected = oracle_attention(query, *repeated(case, key, value), token_mask, layout, causal=causal, scale=0.4)
+    assert_same_with_gradients(got, expected, (query, key, value), 1e-12)
+
+
+
+@st.composite
+def block_cases(draw: st.DrawFn) -> dict:
+    """Inputs that take the block path (more than two blocks), every sparsity type, padded rows."""
+    heads, kv_heads = draw(st.sampled_from(GROUPS))
+    block = draw(st.sampled_from([4, 8]))
+    factor = draw(st.sampled_from([1, 2, 4]))
+    layout = AttentionLayout(num_global_tokens=draw(st.integers(1, 3)), block_size=block,
+                             sparse_block_size=draw(st.sampled_from([0, block // 2, block])), sparsity_factor=factor,
+                             sparsity_type=draw(st.sampled_from(["norm", "pooling", "stride", "block_stride", "lsh",
+                                                                 "bos_pooling"])))
+    tokens, batch = block * draw(st.integers(3, 6)), draw(st.integers(1, 2))
+    token_mask = torch.stack([torch.arange(tokens) < draw(st.integers(1, tokens)) for _ in range(batch)])
+    return dict(heads=heads, kv_heads=kv_heads, layout=layout, token_mask=token_mask, causal=draw(st.booleans()),
+                seed=draw(st.integers(0, 99)))
+
+
 @settings(max_examples=40, deadline=None)
 @given(block_cases())
 def test_block_path_matches_the_oracle_on_repeated_keys(case: dict) -> None:
@@ -99,11 +99,7 @@ def test_block_path_matches_the_oracle_on_repeated_keys(case: dict) -> None:
     query, key, value = grouped_inputs(case)
     got = lsg_attention(query, key, value, prepare_mask(token_mask, layout), layout, causal=causal, scale=0.4)
     expected = oracle_attention(query, *repeated(case, key, value), token_mask, layout, causal=causal, scale=0.4)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
-    upstream = torch.randn_like(got)
-    for grad, expected_grad in zip(torch.autograd.grad(got, (query, key, value), upstream),
-                                   torch.autograd.grad(expected, (query, key, value), upstream)):
-        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
+    assert_same_with_gradients(got, expected, (query, key, value), 1e-10)
 
 
 @settings(max_examples=25, deadline=None)
@@ -117,11 +113,16 @@ def test_block_path_dropout_is_that_of_repeated_keys(case: dict) -> None:
     for keys in ((key, value), repeated(case, key, value)):
         torch.manual_seed(case["seed"])
         outputs.append(lsg_attention(query, *keys, mask, layout, causal=causal, scale=0.4, dropout_p=0.3))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-12)
-    upstream = torch.randn_like(outputs[0])
-    for grad, expected_grad in zip(torch.autograd.grad(outputs[0], (query, key, value), upstream),
-                                   torch.autograd.grad(outputs[1], (query, key, value), upstream)):
-        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
+    assert_same_with_gradients(outputs[0], outputs[1], (query, key, value), 1e-12)
+
+
+def repeat_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at every `Tensor.repeat_interleave` call from now on."""
+    calls: list[int] = []
+    original = torch.Tensor.repeat_interleave
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave",
+                        lambda self, *args, **kwargs: calls.append(1) or original(self, *args, **kwargs))
+    return calls
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -134,15 +135,25 @@ def test_keys_are_shared_where_the_side_keys_allow_it_and_the_blocked_kernel_run
     monkeypatch.setenv(backends.BACKEND_VARIABLE, backend)
     layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_factor=2,
                              sparsity_type=kind)
-    repeats = []
-    original = torch.Tensor.repeat_interleave
-    monkeypatch.setattr(torch.Tensor, "repeat_interleave",
-                        lambda self, *args, **kwargs: repeats.append(1) or original(self, *args, **kwargs))
+    repeats = repeat_calls(monkeypatch)
     query, key, value = (torch.randn(1, heads, 33, 8) for heads in (4, 2, 2))
     lsg_attention(query, key, value, prepare_mask(torch.ones(1, 32, dtype=torch.bool), layout), layout,
                   dropout_p=dropout)
     shared = sparse_kind(layout) in KEY_HEAD_KINDS and (backend == "auto" or dropout > 0)
     assert bool(repeats) != shared
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("backend", ["auto", "portable"])
+def test_full_path_shares_keys_without_dropout(backend: str, dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most two blocks: SDPA shares the key heads; with dropout LSG's keep-mask runs on repeated keys."""
+    monkeypatch.setenv(backends.BACKEND_VARIABLE, backend)
+    layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_type="lsh")
+    repeats = repeat_calls(monkeypatch)
+    query, key, value = (torch.randn(1, heads, 17, 8) for heads in (4, 2, 2))
+    lsg_attention(query, key, value, prepare_mask(torch.ones(1, 16, dtype=torch.bool), layout), layout,
+                  dropout_p=dropout)
+    assert bool(repeats) == (dropout > 0)
 
 
 def test_mismatched_heads_are_refused() -> None:
@@ -154,27 +165,21 @@ def test_mismatched_heads_are_refused() -> None:
         lsg_attention(torch.zeros(1, 4, 33, 4), torch.zeros(1, 2, 33, 4), torch.zeros(1, 4, 33, 4), mask, layout)
 
 
-def test_the_block_path_is_refused() -> None:
-    layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=0, sparsity_type="none")
-    mask = prepare_mask(torch.ones(1, 24, dtype=torch.bool), layout)
-    with pytest.raises(ValueError, match="24 tokens take LSG's block path"):
-        grouped_full_attention(*(torch.zeros(1, 2, 25, 4) for _ in range(3)), mask, 1)
-
-
 @pytest.mark.parametrize(("model_type", "causal"), [("llama", True), ("qwen2", True), ("eurobert", False)])
-def test_grouped_models_take_it_on_short_inputs_and_match_the_dense_oracle(
+def test_grouped_models_share_keys_on_short_inputs_and_match_the_dense_oracle(
         model_type: str, causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    monkeypatch.setattr(interface, "grouped_full_attention",
-                        lambda *args, **kwargs: calls.append(1) or grouped_full_attention(*args, **kwargs))
     plain = build(model_type, "Model", attn_implementation="sdpa")
     model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, **LSG)
     ids = torch.randint(5, 99, (2, 14), generator=torch.Generator().manual_seed(0))  # 14 <= 2 blocks of 8
     mask = torch.ones(2, 14, dtype=torch.long)
     mask[1, 9:] = 0
+    shared, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: shared.append(kwargs.get("enable_gqa")) or sdpa(*args, **kwargs))
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        calls = list(shared)
         expected = oracle_hidden(plain, model, ids, mask, causal)
-    assert len(calls) == plain.config.num_hidden_layers
+    assert calls == [True] * plain.config.num_hidden_layers
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1, :9], expected[1, :9], rtol=0, atol=1e-5)

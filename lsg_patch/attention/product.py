@@ -115,16 +115,22 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
 
 def _shares_key_heads(layout: AttentionLayout, mask: LSGMask, bias: RelativeBias | None, dropout_p: float,
                       device: torch.device) -> bool:
-    """Whether grouped-query keys go to the blocked kernel as they are, each key head's key set serving all its
-    query heads at once (their rows side by side), rather than repeated to the query heads.
+    """Whether grouped-query keys are used as they are rather than repeated to the query heads.
 
-    Only on the block path, for sparsity types whose side keys depend on their key head alone (none, raw, norm,
-    pooling), without a bias, and where the blocked kernel is the fast choice: the CPU's default backend
-    (1.2-1.3x faster, 2.8-4.2x less memory than repeated keys: benchmarks/results/grouped.md) and dropout on any
-    device. Without dropout on CUDA the portable path's fused SDPA on repeated keys was 2-7x faster on an H200,
-    at 4-8x the memory (benchmarks/results/gpu.md), so the keys are repeated there.
+    Never with a bias. On the full-attention path (at most two blocks), without dropout: one SDPA call with
+    `enable_gqa` shares each key head with its query heads (with dropout, LSG's own keep-mask runs on explicit
+    scores). On the block path, for sparsity types whose side keys depend on their key head alone (none, raw,
+    norm, pooling), where the blocked kernel is the fast choice, each key head's key set serving all its query
+    heads at once (their rows side by side): the CPU's default backend (1.2-1.3x faster, 2.8-4.2x less memory than
+    repeated keys: benchmarks/results/grouped.md) and dropout on any device. Without dropout on CUDA the portable
+    path's fused SDPA on repeated keys was 2-7x faster on an H200, at 4-8x the memory (benchmarks/results/gpu.md),
+    so the keys are repeated there.
     """
-    if mask.index is None or bias is not None or sparse_kind(layout) not in KEY_HEAD_KINDS:
+    if bias is not None:
+        return False
+    if mask.index is None:
+        return dropout_p == 0
+    if sparse_kind(layout) not in KEY_HEAD_KINDS:
         return False
     return dropout_p > 0 or backend_for(device) == "cpu_fused"
 
@@ -144,7 +150,8 @@ def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     g: int, causal: bool, dropout_p: float, scale: float, bias: RelativeBias | None
                     ) -> torch.Tensor:
     """Plain attention over all G + T keys (short inputs); attn_mask None = nothing masked. Dropout keeps the
-    scores of `dropout.py` (key identity = row), so it matches the block path's definition."""
+    scores of `dropout.py` (key identity = row), so it matches the block path's definition. Without dropout, keys
+    and values may have fewer heads than the queries (SDPA shares them)."""
     length = key.shape[-2]
     if causal:
         rows = torch.arange(length, device=key.device)[:, None]
@@ -156,7 +163,8 @@ def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         scores = F.pad(bias.same_for_heads(tokens - tokens[:, None], length - g, query.dtype), (g, 0, g, 0))
         attn_mask = scores if attn_mask is None else _additive(attn_mask, query.dtype) + scores
     if dropout_p == 0:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale,
+                                              enable_gqa=key.shape[1] != query.shape[1])
     scores = query @ key.transpose(-1, -2) * scale
     if attn_mask is not None:
         scores = scores + (_additive(attn_mask, query.dtype) if attn_mask.dtype == torch.bool else attn_mask)
@@ -416,14 +424,13 @@ def _bias_by_direction(bias: RelativeBias, layout: AttentionLayout, blocks: int,
     T5's defaults (32 buckets, max distance 128) every block_size >= 90 qualifies: the side bias is then two
     values per head, for any sparsity type. The buckets are checked on the CPU over every distance that can occur.
     """
-    g, bs, sbs, tokens = layout.num_global_tokens, layout.block_size, layout.sparse_block_size, blocks * layout.block_size
+    g, bs, sbs, heads = layout.num_global_tokens, layout.block_size, layout.sparse_block_size, bias.num_heads
     windows = (1 if causal else 2) if layout.has_sparse_keys else 0
-    heads = bias.num_heads
     if windows and sparse_step(layout) % 2:
         return None
     parts = [torch.zeros(heads, g, dtype=dtype, device=bias.table.device)]
     if windows:
-        distances = torch.arange(bs + 1, max(tokens, bs + 1) + 1)
+        distances = torch.arange(bs + 1, blocks * bs + 1)  # the block path has at least three blocks
         for sign in (-1, 1)[:windows]:
             buckets = bias.bucket(sign * distances)
             if bool((buckets != buckets[0]).any()):

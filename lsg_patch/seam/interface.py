@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..attention import RelativeBias, lsg_attention
-from ..attention.grouped import grouped_full_attention
 from .call import CALL_KEYWORD, LSGCall
 from .sliding import SLIDING_ATTENTION_NAME, sliding_attention_function
 
@@ -32,9 +31,8 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
                            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """LSG attention of one converted module; (batch, n, heads, d) out and no attention weights.
 
-    Keys with fewer heads than the queries (grouped-query attention) are shared by SDPA on the full-attention
-    path (at most two blocks, without dropout) and handed to `lsg_attention` as they are otherwise, which shares
-    them where the sparsity type allows and repeats them where it does not. A
+    Keys with fewer heads than the queries (grouped-query attention) are handed to `lsg_attention` as they are:
+    it shares them where it can and repeats them where it cannot. A
     `position_bias` keyword (T5) must be a RelativeBias, applied inside every key set: a dense (n, n) bias
     cannot be, and would cost the memory LSG saves. With an LSGCache in the call (causal stacks), a prompt also
     stores what later tokens can read, and a call after the prompt attends through the cache.
@@ -65,10 +63,6 @@ def lsg_attention_function(module: nn.Module, query: torch.Tensor, key: torch.Te
     if call.continues:
         output = cache.attend(module.layer_idx, query, key, value, repeats, call.new_positions, call.step_masks,
                               _scale(query, scaling), dropout, lsh_seed)
-    elif repeats > 1 and call.mask.index is None and bias is None and dropout == 0:
-        # full-attention path: SDPA shares the key heads (with dropout the product applies LSG's own keep-mask)
-        output = grouped_full_attention(query, key, value, call.mask, call.layout.num_global_tokens, causal=causal,
-                                        dropout_p=dropout, scale=scaling)
     else:
         output = lsg_attention(query, key, value, call.mask, call.layout, dropout_p=dropout, causal=causal,
                                scale=scaling, lsh_seed=lsh_seed, bias=bias)
