@@ -3,6 +3,8 @@ another device. The portable backend is checked against the dense oracle by the 
 LSG_PATCH_BACKEND=portable (see .ci/run); here it is compared with the fused CPU backend directly."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -57,14 +59,15 @@ def _case(kind: str, causal: bool, seed: int) -> tuple:
 @settings(max_examples=20, deadline=None)
 @given(st.sampled_from(TYPES), st.booleans(), st.integers(0, 2**31))
 def test_the_cuda_choice_reaches_no_cpu_only_op_and_matches_the_fused_kernel(kind: str, causal: bool, seed: int) -> None:
-    """What a CUDA tensor gets (backend_for(cuda)) runs forward and backward with the CPU-only ops forbidden, and
+    """What a CUDA tensor gets (choose_kernel for cuda) runs forward and backward with the CPU-only ops forbidden, and
     agrees with the fused CPU backend."""
     layout, qkv, mask = _case(kind, causal, seed)
     fused = lsg_attention(*qkv, mask, layout, causal=causal)
     fused_grad = torch.autograd.grad(fused.square().sum(), qkv)[0]
     with pytest.MonkeyPatch.context() as patch:
         _forbid_cpu_only_ops(patch)
-        patch.setattr(product, "backend_for", lambda device: backends.backend_for(torch.device("cuda")))
+        patch.setattr(product, "choose_kernel",  # the choice made for the same call on CUDA tensors
+                      lambda call: backends.choose_kernel(dataclasses.replace(call, device=torch.device("cuda"))))
         portable = lsg_attention(*qkv, mask, layout, causal=causal)
         portable_grad = torch.autograd.grad(portable.square().sum(), qkv)[0]
     torch.testing.assert_close(portable, fused, rtol=0, atol=1e-10)

@@ -128,32 +128,30 @@ def repeat_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("backend", ["auto", "portable"])
 @pytest.mark.parametrize("kind", ["none", "norm", "pooling", "stride", "lsh"])
+@pytest.mark.parametrize("blocks", [2, 4])
 def test_keys_are_shared_where_the_side_keys_allow_it_and_the_blocked_kernel_runs(
-        kind: str, backend: str, dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Shared on the CPU's default backend and with dropout; the portable path (CUDA's) repeats them without
-    dropout, where SDPA on repeated keys is the faster kernel; types with per-query-head side keys always do."""
+        kind: str, backend: str, dropout: float, blocks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel choice shares grouped keys on the CPU's default backend and with dropout on the block path; the
+    portable path (CUDA's) repeats them without dropout, where SDPA on repeated keys is the faster kernel; types with
+    per-query-head side keys always do. On the full path (at most two blocks) SDPA shares them without dropout.
+    The product follows the choice: it repeats the keys exactly when the choice does not share them."""
     monkeypatch.setenv(backends.BACKEND_VARIABLE, backend)
     layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_factor=2,
                              sparsity_type=kind)
+    block_path = blocks > 2
+    choice = backends.choose_kernel(backends.AttentionCall(
+        device=torch.device("cpu"), block_path=block_path, dropout=dropout > 0, grouped_keys=True,
+        side_keys_per_key_head=sparse_kind(layout) in KEY_HEAD_KINDS))
+    if block_path:
+        expected = sparse_kind(layout) in KEY_HEAD_KINDS and (backend == "auto" or dropout > 0)
+    else:
+        expected = dropout == 0
+    assert choice.shares_key_heads == expected
     repeats = repeat_calls(monkeypatch)
-    query, key, value = (torch.randn(1, heads, 33, 8) for heads in (4, 2, 2))
-    lsg_attention(query, key, value, prepare_mask(torch.ones(1, 32, dtype=torch.bool), layout), layout,
+    query, key, value = (torch.randn(1, heads, 1 + 8 * blocks, 8) for heads in (4, 2, 2))
+    lsg_attention(query, key, value, prepare_mask(torch.ones(1, 8 * blocks, dtype=torch.bool), layout), layout,
                   dropout_p=dropout)
-    shared = sparse_kind(layout) in KEY_HEAD_KINDS and (backend == "auto" or dropout > 0)
-    assert bool(repeats) != shared
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-@pytest.mark.parametrize("backend", ["auto", "portable"])
-def test_full_path_shares_keys_without_dropout(backend: str, dropout: float, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At most two blocks: SDPA shares the key heads; with dropout LSG's keep-mask runs on repeated keys."""
-    monkeypatch.setenv(backends.BACKEND_VARIABLE, backend)
-    layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_type="lsh")
-    repeats = repeat_calls(monkeypatch)
-    query, key, value = (torch.randn(1, heads, 17, 8) for heads in (4, 2, 2))
-    lsg_attention(query, key, value, prepare_mask(torch.ones(1, 16, dtype=torch.bool), layout), layout,
-                  dropout_p=dropout)
-    assert bool(repeats) == (dropout > 0)
+    assert bool(repeats) != choice.shares_key_heads
 
 
 def test_mismatched_heads_are_refused() -> None:

@@ -1,22 +1,76 @@
-"""Which implementation of the LSG product runs, chosen per call from the tensors' device.
+"""Which kernel runs the LSG product: decided for each call by `choose_kernel`, the one place that does.
 
-* ``cpu_fused``: the CPU flash-attention kernel (a private aten op registered for CPU only) on the local window
-  and the side keys, merged exactly through their logsumexp, with its own backward. CPU tensors only.
-* ``portable``: public PyTorch ops only (`scaled_dot_product_attention` over each block's whole key set), so it
-  runs on every device; on CUDA, SDPA picks its memory-efficient kernel, with dropout and backward.
+Backends (what LSG_PATCH_BACKEND names; ``auto``, the default, picks by the tensors' device):
 
-``auto`` (the default) takes ``cpu_fused`` for CPU tensors and ``portable`` for every other device. The
-environment variable ``LSG_PATCH_BACKEND`` forces one; it is read on every call, so it can change at run time.
+* ``cpu_fused``: kernels built on the CPU flash-attention op (a private aten op registered for CPU only). CPU
+  tensors only; ``auto`` takes it for CPU tensors.
+* ``portable``: public PyTorch ops only, so it runs on every device; ``auto`` takes it for every other device.
+
+Kernels (`Kernel`), chosen from the backend and what the call needs:
+
+* ``full_sdpa`` / ``full_explicit``: inputs of at most two blocks take plain attention over all keys, through one
+  SDPA call, or through explicit scores when LSG's own dropout keep-mask must apply.
+* ``blocked``: explicit scores over a few blocks at a time (`blocked.py`), with the counter-based dropout of
+  `dropout.py` regenerated in the backward and a gradient for a relative-bias table; it also lets one key head
+  serve its grouped query heads.
+* ``cpu_flash``: the CPU flash kernel on the local window and the side keys, merged through their logsumexp
+  (`product._BlockAttention`), for CPU training without dropout.
+* ``portable_sdpa``: public SDPA over each block's gathered key set, with plain autograd (`product._portable_attention`).
+
+The environment variable is read once per call, so it can change at run time.
 """
 from __future__ import annotations
 
+import enum
 import os
+from dataclasses import dataclass
 
 import torch
 
 BACKEND_VARIABLE = "LSG_PATCH_BACKEND"
 BACKENDS = ("auto", "portable", "cpu_fused")
 _DEVICE_BOUND = {"cpu_fused": "cpu"}  # backends made of ops registered for one device type only
+
+
+class Kernel(enum.Enum):
+    """The implementations of the LSG product (see the module docstring)."""
+
+    FULL_SDPA = "full_sdpa"
+    FULL_EXPLICIT = "full_explicit"
+    BLOCKED = "blocked"
+    CPU_FLASH = "cpu_flash"
+    PORTABLE_SDPA = "portable_sdpa"
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the kernel choice depends on, read off one call of the product.
+
+    block_path: the input has more than two blocks (otherwise plain attention over all keys);
+    grouped_keys: fewer key heads than query heads; side_keys_per_key_head: the sparsity type's side keys depend
+    on their key head alone (none, raw, norm, pooling), so one key head's key set can serve its query heads;
+    needs_input_grad: autograd will ask for query/key/value gradients; bias_trains: a relative-bias table that
+    takes a gradient.
+    """
+
+    device: torch.device
+    block_path: bool
+    dropout: bool = False
+    grouped_keys: bool = False
+    side_keys_per_key_head: bool = False
+    has_bias: bool = False
+    bias_trains: bool = False
+    needs_input_grad: bool = False
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel that runs a call, and whether grouped-query keys are used as they are (True) or repeated to the
+    query heads first (False; also False for calls without grouped keys)."""
+
+    kernel: Kernel
+    shares_key_heads: bool
+    backend: str
 
 
 def requested_backend() -> str:
@@ -41,3 +95,32 @@ def backend_for(device: torch.device) -> str:
             f"use 'portable' or 'auto' for {device.type}"
         )
     return name
+
+
+def choose_kernel(call: AttentionCall) -> KernelChoice:
+    """The kernel for `call`, on the backend LSG_PATCH_BACKEND and the device give.
+
+    Grouped-query keys are shared (never with a bias): on the full path without dropout (SDPA's enable_gqa); on
+    the block path, for side keys of one key head, where the blocked kernel is the fast choice — the CPU's default
+    backend (1.2-1.3x faster, 2.8-4.2x less memory than repeated keys: benchmarks/results/grouped.md) and dropout
+    on any device. Without dropout on CUDA the portable path's fused SDPA on repeated keys was 2-7x faster on an
+    H200, at 4-8x the memory (benchmarks/results/gpu.md), so the keys are repeated there.
+
+    On the CPU the blocked kernel also serves inference (the flash path's per-layer copies of the windows and side
+    keys would set the peak memory; the blocked kernel is as fast there and holds a few blocks at a time) and a
+    bias table that trains (the flash backward has no bias gradient).
+    """
+    backend = backend_for(call.device)
+    if not call.block_path:
+        shares = call.grouped_keys and not call.has_bias and not call.dropout
+        return KernelChoice(Kernel.FULL_EXPLICIT if call.dropout else Kernel.FULL_SDPA, shares, backend)
+    shares = (call.grouped_keys and not call.has_bias and call.side_keys_per_key_head
+              and (call.dropout or backend == "cpu_fused"))
+    cpu_prefers_blocked = not call.needs_input_grad or call.bias_trains
+    if call.dropout or shares or (backend == "cpu_fused" and cpu_prefers_blocked):
+        kernel = Kernel.BLOCKED
+    elif backend == "cpu_fused":
+        kernel = Kernel.CPU_FLASH
+    else:
+        kernel = Kernel.PORTABLE_SDPA
+    return KernelChoice(kernel, shares, backend)

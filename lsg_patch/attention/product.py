@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .backends import backend_for
+from .backends import AttentionCall, Kernel, choose_kernel
 from .bias import RelativeBias
 from .blocked import BlockedAttention, rows_addressable
 from .dropout import check_probability, draw_seed, dropout_codes, keep_mask, key_codes, row_codes
@@ -41,8 +41,8 @@ from .sparse import ITEM_KINDS, norm_positions, sparse_items, sparse_kind, spars
 
 KEY_HEAD_KINDS = frozenset({"none", "raw", "norm", "pooling"})  # side keys that depend on their key head alone
 
-# Registered for CPU tensors only: reached through the "cpu_fused" backend alone, which backend_for never
-# selects for another device.
+# Registered for CPU tensors only: reached through Kernel.CPU_FLASH alone, which choose_kernel takes on the
+# "cpu_fused" backend only, never selected for another device.
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -69,8 +69,8 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     a seed drawn once per call from torch's default generator and of (batch row, head, query row, key).
 
     key and value may have fewer heads than query (grouped-query attention: kv_heads dividing heads, query head
-    h reads key head h // (heads / kv_heads)). See `_shares_key_heads` for when the keys are used as they are
-    and when they are repeated to the query heads.
+    h reads key head h // (heads / kv_heads)). `backends.choose_kernel` decides which kernel runs and whether the
+    keys are used as they are or repeated to the query heads.
     """
     g, t = layout.num_global_tokens, mask.num_tokens
     check_probability(dropout_p)
@@ -80,15 +80,19 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     if heads % key_heads or value.shape[1] != key_heads:
         raise ValueError(f"{heads} query heads cannot share {key_heads} key and {value.shape[1]} value heads: "
                          "keys and values need the same number of heads, dividing the query heads")
-    if key_heads != heads and not _shares_key_heads(layout, mask, bias, dropout_p, query.device):
+    choice = choose_kernel(AttentionCall(
+        device=query.device, block_path=mask.index is not None, dropout=dropout_p > 0,
+        grouped_keys=key_heads != heads, side_keys_per_key_head=sparse_kind(layout) in KEY_HEAD_KINDS,
+        has_bias=bias is not None, bias_trains=bias is not None and bias.table.requires_grad,
+        needs_input_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))))
+    if key_heads != heads and not choice.shares_key_heads:
         key, value = (x.repeat_interleave(heads // key_heads, dim=1) for x in (key, value))
         key_heads = heads
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     full_mask = mask.full if mask.any_masked else None
     if mask.index is None:
-        return _full_attention(query, key, value, full_mask, g, causal, dropout_p, scale, bias)
+        return _full_attention(query, key, value, full_mask, g, causal, dropout_p, scale, bias, choice.kernel)
     n = query.shape[0]
-    backend = backend_for(query.device)
     side_keys, side_values, rows, side_mask = _side_sources(query, key, value, mask, layout, causal, scale, lsh_seed)
     width = (2 if causal else 3) * layout.block_size
     local_mask = mask.local[:, None, :, None, :width]
@@ -102,56 +106,22 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     plan = Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, key_heads),
                 _folded(side_scores, n, key_heads), None if causal or full_mask is None
                 else _additive(full_mask, query.dtype), causal)
-    shared_keys = key_heads != heads  # only the blocked kernel gives one key head to several query heads
-    if dropout_p > 0 or shared_keys or (backend == "cpu_fused" and _blocked_on_cpu(query, key, value, bias)):
+    if choice.kernel is Kernel.BLOCKED:
         codes = None if dropout_p == 0 else dropout_codes(dropout_p, draw_seed(), n, heads, layout, t, width, causal,
                                                           query.device)
         return BlockedAttention.apply(query, key, value, side_keys, side_values, plan.local_mask, plan.side_mask,
                                       plan, codes)
-    if backend == "cpu_fused":
+    if choice.kernel is Kernel.CPU_FLASH:
         return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
     return _portable_attention(query, key, value, side_keys, side_values, plan)
 
 
-def _shares_key_heads(layout: AttentionLayout, mask: LSGMask, bias: RelativeBias | None, dropout_p: float,
-                      device: torch.device) -> bool:
-    """Whether grouped-query keys are used as they are rather than repeated to the query heads.
-
-    Never with a bias. On the full-attention path (at most two blocks), without dropout: one SDPA call with
-    `enable_gqa` shares each key head with its query heads (with dropout, LSG's own keep-mask runs on explicit
-    scores). On the block path, for sparsity types whose side keys depend on their key head alone (none, raw,
-    norm, pooling), where the blocked kernel is the fast choice, each key head's key set serving all its query
-    heads at once (their rows side by side): the CPU's default backend (1.2-1.3x faster, 2.8-4.2x less memory than
-    repeated keys: benchmarks/results/grouped.md) and dropout on any device. Without dropout on CUDA the portable
-    path's fused SDPA on repeated keys was 2-7x faster on an H200, at 4-8x the memory (benchmarks/results/gpu.md),
-    so the keys are repeated there.
-    """
-    if bias is not None:
-        return False
-    if mask.index is None:
-        return dropout_p == 0
-    if sparse_kind(layout) not in KEY_HEAD_KINDS:
-        return False
-    return dropout_p > 0 or backend_for(device) == "cpu_fused"
-
-
-def _blocked_on_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: RelativeBias | None) -> bool:
-    """Whether the CPU runs the blocked kernel rather than the flash one: for inference (the flash path's
-    per-layer copies of the windows and side keys would set the peak memory; the blocked kernel, as fast there,
-    holds a few blocks at a time) and for a bias table that trains (the flash backward has no bias gradient)."""
-    if not torch.is_grad_enabled():
-        return True
-    if bias is not None and bias.table.requires_grad:
-        return True
-    return not any(x.requires_grad for x in (query, key, value))
-
-
 def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
-                    g: int, causal: bool, dropout_p: float, scale: float, bias: RelativeBias | None
-                    ) -> torch.Tensor:
-    """Plain attention over all G + T keys (short inputs); attn_mask None = nothing masked. Dropout keeps the
-    scores of `dropout.py` (key identity = row), so it matches the block path's definition. Without dropout, keys
-    and values may have fewer heads than the queries (SDPA shares them)."""
+                    g: int, causal: bool, dropout_p: float, scale: float, bias: RelativeBias | None,
+                    kernel: Kernel) -> torch.Tensor:
+    """Plain attention over all G + T keys (short inputs); attn_mask None = nothing masked. FULL_EXPLICIT (dropout)
+    keeps the scores of `dropout.py` (key identity = row), so it matches the block path's definition; FULL_SDPA
+    lets keys and values have fewer heads than the queries (SDPA shares them)."""
     length = key.shape[-2]
     if causal:
         rows = torch.arange(length, device=key.device)[:, None]
@@ -162,7 +132,7 @@ def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         tokens = torch.arange(length - g, device=key.device)
         scores = F.pad(bias.same_for_heads(tokens - tokens[:, None], length - g, query.dtype), (g, 0, g, 0))
         attn_mask = scores if attn_mask is None else _additive(attn_mask, query.dtype) + scores
-    if dropout_p == 0:
+    if kernel is Kernel.FULL_SDPA:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scale,
                                               enable_gqa=key.shape[1] != query.shape[1])
     scores = query @ key.transpose(-1, -2) * scale
