@@ -121,7 +121,7 @@ def sparse_items(query_first: torch.Tensor, keys: torch.Tensor, values: torch.Te
 # Key norms closer than this (relative) are equal for norm's choice, which then prefers the later token: two keys of
 # equal norm in exact arithmetic (the same token at two positions under rotary embeddings, which keep the norm) are
 # otherwise told apart by their rounding, which differs between dtypes, devices and a cached and an uncached pass.
-NORM_TIE_TOLERANCE = 1e-4
+NORM_TIE_TOLERANCE = 1e-5
 
 
 def norm_positions(keys: torch.Tensor, token_mask: torch.Tensor | None, layout: AttentionLayout) -> torch.Tensor:
