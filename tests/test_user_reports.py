@@ -9,7 +9,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModel
 
 import lsg_patch
 from lsg_patch import LSGCache
@@ -48,7 +47,8 @@ def test_item1_four_d_masks_whose_rows_differ_are_refused(bert: torch.nn.Module)
     ids = ids_of(1, length)
     causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
     band = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).abs() <= 4
-    additive = torch.zeros(1, 1, length, length).masked_fill(~_block_diagonal(length, 17), torch.finfo(torch.float32).min)
+    minimum = torch.finfo(torch.float32).min
+    additive = torch.zeros(1, 1, length, length).masked_fill(~_block_diagonal(length, 17), minimum)
     for mask in (_block_diagonal(length, 17), causal, band[None, None], additive):
         with pytest.raises(ValueError, match="different query rows different keys"):
             bert(input_ids=ids, attention_mask=mask)
