@@ -212,9 +212,10 @@ def _sparse_items(q_first: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     if kind == "norm":
         c = norm_chunk(layout)
         for start in range(0, len(valid), c):
-            # masked tokens count as norm 0; the c / sf largest are kept, listed by ascending (norm, position)
+            # masked tokens count as norm 0; the c / sf largest are kept, listed by ascending (norm, position),
+            # norms within a relative 1e-5 of the next smaller one being equal (LSG_SPEC section 7, norm ties)
             norms = [keys[start + i].detach().norm().item() if valid[start + i] else 0.0 for i in range(c)]
-            chosen = sorted(range(c), key=lambda i: (norms[i], i))[c - c // sf:]
+            chosen = sorted(range(c), key=lambda i: (_tie_rank(norms, i), i))[c - c // sf:]
             item_keys += [keys[start + i] for i in chosen]
             item_values += [values[start + i] for i in chosen]
             item_valid += [valid[start + i] for i in chosen]
@@ -228,6 +229,15 @@ def _sparse_items(q_first: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             item_valid.append(any(valid[i] for i in members))
             item_positions.append(start)
     return torch.stack(item_keys), torch.stack(item_values), item_valid, item_positions
+
+
+def _tie_rank(norms: list[float], i: int) -> int:
+    """How many steps up the ascending norms take before norms[i]; a step is a norm more than 1e-5 (relative to
+    itself) above the one below it, so nearly equal norms share a rank."""
+    ascending = sorted(norms)
+    steps = sum(1 for below, above in zip(ascending, ascending[1:])
+                if above <= norms[i] and above - below > 1e-5 * above)
+    return steps
 
 
 def _lsh_items(keys: torch.Tensor, values: torch.Tensor, valid: list[bool], layout: AttentionLayout,

@@ -118,21 +118,38 @@ def sparse_items(query_first: torch.Tensor, keys: torch.Tensor, values: torch.Te
     raise ValueError(f"sparsity kind {kind!r} has no sparse items")
 
 
+# Key norms closer than this (relative) are equal for norm's choice, which then prefers the later token: two keys of
+# equal norm in exact arithmetic (the same token at two positions under rotary embeddings, which keep the norm) are
+# otherwise told apart by their rounding, which differs between dtypes, devices and a cached and an uncached pass.
+NORM_TIE_TOLERANCE = 1e-5
+
+
 def norm_positions(keys: torch.Tensor, token_mask: torch.Tensor | None, layout: AttentionLayout) -> torch.Tensor:
     """(batch, heads, S) token positions of the norm items.
 
     In every chunk of c tokens the c / sf keys of largest norm, in ascending norm order within the chunk, as in
-    the reference. Masked tokens count as norm 0 (token_mask None: nothing is masked); a chosen padded token
-    stays masked (the caller takes its mask along). Not differentiated.
+    the reference; norms within NORM_TIE_TOLERANCE (relative) of each other are one norm, and among equal norms
+    the later token ranks higher (`norm_ranks`). Masked tokens count as norm 0 (token_mask None: nothing is
+    masked); a chosen padded token stays masked (the caller takes its mask along). Not differentiated.
     """
     c = chunk_size(layout)
     per_chunk = c // layout.sparsity_factor
     t = keys.shape[2]
-    norms = keys.detach().norm(dim=-1)
+    norms = keys.detach().float().norm(dim=-1) if keys.element_size() < 4 else keys.detach().norm(dim=-1)
     if token_mask is not None:
         norms = norms.masked_fill(~token_mask[:, None], 0)
-    order = norms.unflatten(-1, (t // c, c)).argsort(dim=-1, stable=True)[..., c - per_chunk:]
+    order = norm_ranks(norms.unflatten(-1, (t // c, c))).argsort(dim=-1, stable=True)[..., c - per_chunk:]
     return (order + torch.arange(0, t, c, device=keys.device)[:, None]).flatten(-2)
+
+
+def norm_ranks(norms: torch.Tensor) -> torch.Tensor:
+    """The rank of every norm along the last dimension, counting norms within NORM_TIE_TOLERANCE (relative) of the
+    next smaller one as equal (they share its rank, chained): sorting by rank, stably, then breaks ties by position
+    and never by rounding, unless two different norms lie about the tolerance apart."""
+    ascending, order = norms.sort(dim=-1, stable=True)
+    steps = ascending[..., 1:] - ascending[..., :-1] > NORM_TIE_TOLERANCE * ascending[..., 1:]
+    ranks = F.pad(steps.cumsum(dim=-1), (1, 0))
+    return torch.empty_like(ranks).scatter_(-1, order, ranks)
 
 
 def mean_pooling_items(keys: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,

@@ -24,7 +24,8 @@ from ..hooks import LSGHook
 from ..registry_paths import get_submodule
 from ..seam import CALL_KEYWORD
 from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
-                   build_call, get_argument, set_argument, token_mask_from, with_global_rows)
+                   build_call, get_argument, refuse_attention_weights, set_argument, token_mask_from,
+                   with_global_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -70,6 +71,7 @@ class EncoderInput(LSGHook):
         self.lsg = lsg
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        refuse_attention_weights(module, kwargs)
         input_ids = get_argument(module, args, kwargs, "input_ids")
         embeds = get_argument(module, args, kwargs, "inputs_embeds")
         reference = input_ids if input_ids is not None else embeds

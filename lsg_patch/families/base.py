@@ -33,13 +33,16 @@ class FamilyAdapter(ABC):
         change nothing else."""
 
 
-def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.device) -> torch.Tensor:
-    """The (batch, length) bool key mask, True = may be attended, from any mask transformers builds.
+def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.device, causal: bool = False
+                    ) -> torch.Tensor:
+    """The (batch, length) bool key mask, True = may be attended, from a 2-D mask or a 4-D one in transformers'
+    convention (bool: True = attend; float: additive, 0 = attend, the dtype's minimum or -inf = masked).
 
-    transformers hands the encoder None (nothing masked), a 2-D 0/1 mask, or a 4-D mask whose last query row
-    sees every non-padded key (also for causal masks). A 4-D mask follows transformers' convention: bool means
-    True = attend; a float mask is additive (0 = attend, the dtype's minimum or -inf = masked). LSG can apply
-    neither other additive values (biases) nor integer 4-D masks, so those are refused rather than misread.
+    LSG applies one key mask per row inside its own pattern, so a 4-D mask is accepted only when it is one:
+    every real query row (and head) sees exactly the keys of its last row, the row's key mask (padding expanded to
+    4-D, as transformers prepares it for bidirectional models), or, for causal models, exactly those of them up to
+    its own position (a causal mask of a padded batch). Masks whose rows differ otherwise (packed documents, bands),
+    other additive values (biases) and integer 4-D masks are refused rather than misread.
     """
     if attention_mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
@@ -49,26 +52,67 @@ def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.
             "mask (batch, tokens), or a 4-D bool or additive float mask"
         )
     if attention_mask.dim() == 4:
-        rows = attention_mask[:, 0, -1, :]
-        if rows.dtype == torch.bool:
-            allowed = rows
-        elif rows.is_floating_point():
-            allowed = rows == 0
-            if not bool((allowed | (rows <= torch.finfo(rows.dtype).min)).all()):
-                raise ValueError(
-                    "a 4-D float attention mask is additive in transformers; LSG attention only takes 0 (attend) "
-                    "and the dtype's minimum or -inf (masked), not other biases; pass a 2-D 0/1 or a 4-D bool mask"
-                )
-        else:
-            raise ValueError(
-                f"a 4-D attention mask of dtype {rows.dtype} is not accepted: transformers takes 4-D masks as bool "
-                "(True = attend) or additive float; pass one of those, or a 2-D 0/1 mask"
-            )
+        allowed = _rows_constant(_allowed_4d(attention_mask), causal)
     elif attention_mask.dim() == 2:
         allowed = attention_mask.bool()
     else:
         raise ValueError(f"unexpected attention mask of shape {tuple(attention_mask.shape)}; expected 2-D or 4-D")
     return allowed.expand(batch, length).to(device)
+
+
+def _allowed_4d(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask as bool, True = attend (transformers' convention), or a ValueError naming what is wrong."""
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point():
+        allowed = mask == 0
+        if not bool((allowed | (mask <= torch.finfo(mask.dtype).min)).all()):
+            raise ValueError(
+                "a 4-D float attention mask is additive in transformers; LSG attention only takes 0 (attend) "
+                "and the dtype's minimum or -inf (masked), not other biases; pass a 2-D 0/1 or a 4-D bool mask"
+            )
+        return allowed
+    raise ValueError(
+        f"a 4-D attention mask of dtype {mask.dtype} is not accepted: transformers takes 4-D masks as bool "
+        "(True = attend) or additive float; pass one of those, or a 2-D 0/1 mask"
+    )
+
+
+def _rows_constant(allowed: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The (batch, keys) key mask of a (batch, heads, queries, keys) bool mask whose query rows all see that key
+    mask, its last row (up to each query's own position when causal); refuses any other mask. Rows that see no key,
+    and rows of masked queries that see every key (padding rows some builders unmask), are outputs nobody reads."""
+    keys = allowed[:, 0, -1, :]
+    queries, length = allowed.shape[-2:]
+    if queries != length:
+        raise ValueError(f"a 4-D attention mask of {queries} query rows and {length} keys is not accepted; LSG "
+                         "takes one row per token: pass a 2-D (batch, tokens) mask")
+    expected = keys[:, None, None, :].expand_as(allowed)
+    if causal:
+        position = torch.arange(length, device=allowed.device)
+        seen = position[None, :] <= position[:, None]  # (queries, keys)
+        allowed, expected = allowed & seen, expected & seen
+    unread = ~allowed.any(dim=-1) | (~keys[:, None, :] & allowed.all(dim=-1))
+    if not bool(((allowed == expected).all(dim=-1) | unread).all()):
+        raise ValueError(
+            "this 4-D attention mask gives different query rows different keys (packed documents, a band or another "
+            "per-query pattern); LSG applies one key mask per row inside its own local, sparse and global pattern and "
+            "cannot apply it. Pass a 2-D (batch, tokens) mask, or a 4-D mask whose rows all equal the row's key mask"
+            + (" (for this causal model: that mask with the causal pattern)" if causal else "")
+            + "; run packed documents as separate rows"
+        )
+    return keys
+
+
+def refuse_attention_weights(module: nn.Module, kwargs: dict) -> None:
+    """Refuse output_attentions (asked by the call or set in the config): LSG layers never build the (n, n) weights
+    a caller would get (transformers' sdpa layers quietly return none; a converted model says so instead)."""
+    if kwargs.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)):
+        raise ValueError(
+            "output_attentions=True: LSG attention computes no attention weights (it never builds the (n, n) "
+            "matrix); call the model with output_attentions=False (and set model.config.output_attentions=False). "
+            "lsg_patch.attention_pattern(model, length) shows which keys each query attends to"
+        )
 
 
 def forward_parameters(module: nn.Module) -> tuple[str, ...]:
@@ -137,25 +181,45 @@ def build_call(token_mask: torch.Tensor, num_tokens: int, lsg: "LSGConfig") -> L
 
 
 class LengthCheck(LSGHook):
-    """Refuses inputs longer than max_length before they reach an embedding lookup."""
+    """Refuses, before any embedding lookup, inputs LSG cannot run: longer than max_length, without tokens or
+    without rows, and given position ids past the position table (`table`, when the hooked module takes them)."""
 
-    def __init__(self, max_length: int) -> None:
+    def __init__(self, max_length: int, table: nn.Module | None = None) -> None:
         self.max_length = max_length
+        self.table = table
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         tensor = args[0] if args else kwargs.get("input_ids")
         if tensor is None:
             tensor = kwargs.get("inputs_embeds")
-            length = None if tensor is None else tensor.shape[1]
+            shape = None if tensor is None else tuple(tensor.shape[:2])
         else:
-            length = tensor.shape[-1]
-        if length == 0:
+            shape = tuple(tensor.shape)
+        if shape is None:
+            return
+        if shape[-1] == 0:
             raise ValueError("the input has 0 tokens; LSG attention needs at least one token per row")
-        if length is not None and length > self.max_length:
+        if shape[0] == 0:
+            raise ValueError(f"the input has 0 rows (shape {shape}); LSG attention needs at least one row")
+        if shape[-1] > self.max_length:
             raise ValueError(
-                f"the input has {length} tokens but this LSG model accepts at most {self.max_length} "
+                f"the input has {shape[-1]} tokens but this LSG model accepts at most {self.max_length} "
                 f"(the max_length it was converted with); truncate the input or convert with a larger max_length"
             )
+        if self.table is not None and "position_ids" in forward_parameters(module):
+            positions_in_table(get_argument(module, args, kwargs, "position_ids"), self.table.num_embeddings)
+
+
+def positions_in_table(position_ids: Any, rows: int) -> None:
+    """Refuse given position ids outside a table of `rows` rows, naming the value (an index error otherwise)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.numel() == 0:
+        return
+    low, high = int(position_ids.min()), int(position_ids.max())
+    if low < 0 or high >= rows:
+        raise ValueError(
+            f"position_ids holds {high if high >= rows else low}, outside the position table of {rows} rows "
+            f"(ids 0..{rows - 1}); give position ids inside the table (convert with a larger max_length to grow it)"
+        )
 
 
 # The position table (by id) of the causal stack whose current call, in this thread, continues a cached prompt:
@@ -175,7 +239,12 @@ def _sees_globals(table: nn.Module) -> bool:
 
 class TokenPositionsOnly(LSGHook):
     """Position-table pre-hook: look positions up for the T tokens, not for the G global rows in front (the
-    table's only caller, the converted encoder or stack, always runs with the global rows in front)."""
+    table's only caller, the converted encoder or stack, always runs with the global rows in front).
+
+    Tables that number their input by its shape (BART, mBART, Pegasus) are given the positions explicitly, the
+    block padding past the table taking its last row: the padded rows are masked and trimmed, and the table
+    covers max_length, not max_length rounded up to whole blocks. Index inputs (GPT-2) are position ids already
+    (the stack hook gives its block padding the last token's position)."""
 
     def __init__(self, num_global_tokens: int) -> None:
         self.num_global_tokens = num_global_tokens
@@ -184,6 +253,12 @@ class TokenPositionsOnly(LSGHook):
         if not args or not _sees_globals(module):
             return None
         shape_source = args[0]  # BART/mBART pass a (batch, G+T) tensor, Pegasus the (batch, G+T) shape
+        if "position_ids" in forward_parameters(module) and kwargs.get("position_ids") is None:
+            shape = shape_source.shape if isinstance(shape_source, torch.Tensor) else shape_source
+            tokens = shape[1] - self.num_global_tokens
+            rows = module.num_embeddings - getattr(module, "offset", 0)
+            positions = torch.arange(tokens, device=module.weight.device).clamp(max=rows - 1)
+            return args, {**kwargs, "position_ids": positions}
         if isinstance(shape_source, torch.Tensor):
             tokens_only = shape_source[:, self.num_global_tokens :]
         else:
@@ -210,10 +285,53 @@ def with_global_rows(table: nn.Embedding, embeds: torch.Tensor, count: int) -> t
     return torch.cat([rows, embeds], dim=1)
 
 
+def token_rows(hidden: torch.Tensor, count: int, length: int, row_order: torch.Tensor | None) -> torch.Tensor:
+    """The caller's `length` token rows of an internal (batch, G + T + padding, width) tensor, in the caller's
+    order (row_order: where each row's tokens were moved, see `caching.padding_last`; None: not moved)."""
+    return in_caller_order(hidden[:, count : count + length], row_order)
+
+
+def in_caller_order(rows: torch.Tensor, row_order: torch.Tensor | None) -> torch.Tensor:
+    if row_order is None:
+        return rows
+    index = row_order[..., None].expand_as(rows).to(rows.device)
+    return torch.empty_like(rows).scatter(1, index, rows)
+
+
+def _states_index(output: Any) -> Any:
+    """Where `output` holds its hidden states (output_hidden_states): "hidden_states" of a ModelOutput, or the
+    position of the tuple of tensors in a return_dict=False tuple; None if it holds none."""
+    if isinstance(output, dict):
+        return "hidden_states" if output.get("hidden_states") else None
+    if isinstance(output, tuple):
+        return next((i for i, x in enumerate(output) if i and isinstance(x, tuple) and x
+                     and isinstance(x[0], torch.Tensor)), None)
+    return None
+
+
+def trimmed_hidden_states(output: Any, internal_rows: int, trim: Any, last: torch.Tensor | None = None) -> Any:
+    """`output` with every hidden state of `internal_rows` rows (what the LSG stack computes on) replaced by
+    trim(state): the caller's token rows, as the unconverted model returns them. last: what the final entry
+    becomes when transformers tied it to the output (it then stays tied to the trimmed output)."""
+    where = _states_index(output)
+    if where is None:
+        return output
+    states = [trim(h) if isinstance(h, torch.Tensor) and h.dim() == 3 and h.shape[1] == internal_rows else h
+              for h in output[where]]
+    if last is not None:
+        states[-1] = last
+    if isinstance(output, tuple):
+        return (*output[:where], tuple(states), *output[where + 1 :])
+    output["hidden_states"] = tuple(states)
+    return output
+
+
 class OutputTrim(LSGHook):
     """Post-hook of the module that received [globals; tokens; block padding]: one output row per input token,
     with global token 0's row first under pool_with_global (docs/LSG_SPEC.md section 7b), or with the G global
-    rows kept in front for a decoder's cross-attention (keep_globals)."""
+    rows kept in front for a decoder's cross-attention (keep_globals). Hidden states (output_hidden_states) get
+    the caller's token rows; an entry transformers ties to the output stays tied to it (the trimmed output),
+    except where the output keeps the global rows."""
 
     def __init__(self, num_global_tokens: int, pool_with_global: bool, keep_globals: bool = False) -> None:
         self.num_global_tokens = num_global_tokens
@@ -228,14 +346,16 @@ class OutputTrim(LSGHook):
         hidden = output[0]
         count = self.num_global_tokens
         if self.keep_globals:
-            kept = hidden[:, : count + length]
+            kept = in_caller_order(hidden[:, : count + length], call.row_order)
         else:
             kept = hidden[:, count : count + length]
             if self.pool_with_global:
                 kept = torch.cat([hidden[:, :1], kept[:, 1:]], dim=1)
-        if call.row_order is not None:  # rows back in the caller's order (their padding was moved behind them)
-            index = call.row_order[..., None].expand_as(kept).to(kept.device)
-            kept = torch.empty_like(kept).scatter(1, index, kept)
+            kept = in_caller_order(kept, call.row_order)
+        where = _states_index(output)
+        tied = where is not None and output[where][-1] is hidden and not self.keep_globals
+        output = trimmed_hidden_states(output, hidden.shape[1], lambda h: token_rows(h, count, length, call.row_order),
+                                       kept if tied else None)
         if isinstance(output, tuple):  # return_dict=False
             return (kept, *output[1:])
         output.last_hidden_state = kept

@@ -22,18 +22,20 @@ from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
-from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument, set_argument,
-                   token_inputs, token_mask_from)
-from .caching import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last, resolve_cache,
-                      room_for, take_rows)
+from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument,
+                   refuse_attention_weights, set_argument, token_inputs, token_mask_from, token_rows,
+                   trimmed_hidden_states)
+from .caching import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last,
+                      positions_after_gaps, resolve_cache, room_for, take_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
     from ..registry import ArchitectureEntry
 
-# From the base-model hook to the encoder hook of decoders, through the model's **kwargs: the row order, and the
-# position id each row's next token takes.
-ROW_ORDER_KEYWORD, NEXT_POSITIONS_KEYWORD = "lsg_row_order", "lsg_next_positions"
+# From the base-model hook to the encoder hook, through the model's **kwargs: the caller's key mask (read before
+# transformers turns it into the mask of the implementation the model was built with: sdpa, eager, flex's BlockMask),
+# and for decoders the row order and the position id each row's next token takes.
+TOKEN_MASK_KEYWORD, ROW_ORDER_KEYWORD, NEXT_POSITIONS_KEYWORD = "lsg_token_mask", "lsg_row_order", "lsg_next_positions"
 
 
 class BertFamily(FamilyAdapter):
@@ -41,7 +43,8 @@ class BertFamily(FamilyAdapter):
     for decoders on the base model (cache, row placement)."""
 
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
-        LengthCheck(max_length).register_pre(get_submodule(base_model, entry.embeddings))
+        LengthCheck(max_length, get_submodule(base_model, entry.position_embeddings)
+                    ).register_pre(get_submodule(base_model, entry.embeddings))
         encoder = get_submodule(base_model, entry.encoder)
         global_rows = BertGlobalRows(
             get_submodule(base_model, entry.embeddings), getattr(base_model, "embeddings_project", None)
@@ -49,12 +52,32 @@ class BertFamily(FamilyAdapter):
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         if causal:
             DecoderRows(lsg, max_length, entry.position_offset).register_pre(base_model)
-        elif global_rows.projection is None:
-            GlobalRowsInFront(global_rows, lsg).register_post(get_submodule(base_model, entry.embeddings))
-        BertEncoderInput(global_rows, lsg, entry.position_offset).register_pre(encoder)
+        else:
+            CallerMask().register_pre(base_model)
+            if global_rows.projection is None:
+                GlobalRowsInFront(global_rows, lsg).register_post(get_submodule(base_model, entry.embeddings))
+        BertEncoderInput(global_rows, lsg, entry.position_offset, causal).register_pre(encoder)
         if causal and lsg.pool_with_global:  # before OutputTrim: it reads the global rows the trim drops
             PooledFirstRow().register_post(encoder)
         OutputTrim(lsg.num_global_tokens, lsg.pool_with_global).register_post(encoder)
+        HiddenStatesTrim(lsg).register_post(base_model)
+
+
+class HiddenStatesTrim(LSGHook):
+    """Post-hook of a base model whose hidden states transformers collects around the hooked encoder (BERT family):
+    the caller's token rows of every hidden state the encoder computed on [globals; tokens; block padding]."""
+
+    def __init__(self, lsg: "LSGConfig") -> None:
+        self.lsg = lsg
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        reference = token_inputs(module, args, kwargs)[2]
+        if reference is None or reference.dim() != 2:
+            return None
+        length, count = reference.shape[1], self.lsg.num_global_tokens
+        order = kwargs.get(ROW_ORDER_KEYWORD)
+        return trimmed_hidden_states(output, count + length + block_padding(length, self.lsg),
+                                     lambda h: token_rows(h, count, length, order))
 
 
 class BertGlobalRows:
@@ -75,10 +98,12 @@ class BertEncoderInput(LSGHook):
     passed down to the layers as `lsg_call`; the encoder's dense mask is dropped. With an LSGCache (decoders), a
     prompt starts it and the tokens after it attend through it, without global rows."""
 
-    def __init__(self, global_rows: BertGlobalRows, lsg: "LSGConfig", position_offset: int = 0) -> None:
+    def __init__(self, global_rows: BertGlobalRows, lsg: "LSGConfig", position_offset: int = 0,
+                 causal: bool = False) -> None:
         self.global_rows = global_rows
         self.lsg = lsg
         self.position_offset = position_offset
+        self.causal = causal
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -94,7 +119,9 @@ class BertEncoderInput(LSGHook):
             return (hidden, *args[1:]), kwargs
         if cache is not None and not isinstance(cache, LSGCache):
             raise ValueError(f"LSG encoders keep no key/value cache; got {type(cache).__name__}: use_cache=False")
-        token_mask = token_mask_from(kwargs.get("attention_mask"), batch, length, hidden.device)
+        token_mask = kwargs.pop(TOKEN_MASK_KEYWORD, None)
+        if token_mask is None:  # the encoder called on its own: the mask transformers prepared
+            token_mask = token_mask_from(kwargs.get("attention_mask"), batch, length, hidden.device, self.causal)
         padding = block_padding(length, self.lsg)
         if padding:  # F.pad, not cat with a new (batch, padding) tensor: no shape specialisation under compile
             token_mask = F.pad(token_mask, (0, padding), value=False)
@@ -113,6 +140,22 @@ class BertEncoderInput(LSGHook):
             cache.start(real, length, real + self.position_offset if following is None else following)
         kwargs[CALL_KEYWORD] = replace(call, row_order=row_order, cache=cache)
         return (hidden, *args[1:]), kwargs
+
+
+class CallerMask(LSGHook):
+    """Base-model pre-hook of encoders: the caller's attention mask read as a key mask and handed to the encoder
+    hook; the model gets none, so transformers builds no dense (n, n) mask, whatever attention implementation the
+    model was built with (sdpa, eager, flex_attention: LSG layers read the key mask, never that mask)."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        refuse_attention_weights(module, kwargs)
+        reference = token_inputs(module, args, kwargs)[2]
+        if reference is None or reference.dim() != 2:
+            return None  # upstream raises its own error for this call
+        mask = get_argument(module, args, kwargs, "attention_mask")
+        token_mask = token_mask_from(mask, *reference.shape, reference.device)
+        args, kwargs = set_argument(module, args, kwargs, "attention_mask", None)
+        return args, {**kwargs, TOKEN_MASK_KEYWORD: token_mask}
 
 
 class GlobalRowsInFront(LSGHook):
@@ -182,6 +225,7 @@ class DecoderRows(LSGHook):
         self.position_offset = position_offset
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        refuse_attention_weights(module, kwargs)
         reference = token_inputs(module, args, kwargs)[2]
         if reference is None or reference.dim() != 2:
             return None  # upstream raises its own error for this call
@@ -200,9 +244,11 @@ class DecoderRows(LSGHook):
             changes["position_ids"] = positions.to(reference.device)
         else:
             mask = get_argument(module, args, kwargs, "attention_mask")
-            token_mask = token_mask_from(mask, batch, length, reference.device)
+            token_mask = token_mask_from(mask, batch, length, reference.device, causal=True)
             row_order = padding_last(token_mask)
-            given = get_argument(module, args, kwargs, "position_ids")
+            given = positions_after_gaps(get_argument(module, args, kwargs, "position_ids"), token_mask)
+            if given is not None:
+                changes["position_ids"] = given
             if cache is not None:
                 kwargs = {**kwargs, NEXT_POSITIONS_KEYWORD: next_positions(
                     take_rows(given, row_order) if row_order is not None else given, token_mask.sum(dim=1),
@@ -211,11 +257,14 @@ class DecoderRows(LSGHook):
                 if mask.dim() != 2:
                     raise ValueError("a BERT-family decoder moves each row's padding behind its tokens, which needs a "
                                      f"2-D attention mask; got one of shape {tuple(mask.shape)}")
-                for name in ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids"):
-                    value = get_argument(module, args, kwargs, name)
+                for name in ("input_ids", "inputs_embeds", "token_type_ids", "position_ids"):
+                    value = changes.get(name, get_argument(module, args, kwargs, name))
                     if isinstance(value, torch.Tensor):
                         changes[name] = take_rows(value, row_order)
                 kwargs = {**kwargs, ROW_ORDER_KEYWORD: row_order}
+                token_mask = take_rows(token_mask, row_order)
+            changes["attention_mask"] = None  # the encoder hook reads the key mask; transformers builds none
+            kwargs = {**kwargs, TOKEN_MASK_KEYWORD: token_mask}
         for name, value in changes.items():
             args, kwargs = set_argument(module, args, kwargs, name, value)
         return args, kwargs

@@ -47,7 +47,9 @@ def resolve_cache(module: nn.Module, args: tuple, kwargs: dict, lsg: "LSGConfig"
             raise ValueError(NO_CACHE)
         return None
     if isinstance(given, LSGCache):
-        if (given.layout, given.mask_first_token) != (lsg.layout, lsg.mask_first_token):
+        if given.layout is None:  # LSGCache(): made for whichever model it is passed to first
+            given.bind(lsg.layout, lsg.mask_first_token)
+        elif (given.layout, given.mask_first_token) != (lsg.layout, lsg.mask_first_token):
             raise ValueError(f"this LSGCache was made for another LSG layout ({given.layout}); this model runs "
                              f"{lsg.layout}: pass its own cache, or none")
         return given
@@ -87,6 +89,25 @@ def padding_last(token_mask: torch.Tensor) -> torch.Tensor | None:
     if bool((token_mask[:, 1:] <= token_mask[:, :-1]).all()):
         return None
     return torch.argsort((~token_mask).to(torch.uint8), dim=1, stable=True)
+
+
+def positions_after_gaps(given: torch.Tensor | None, token_mask: torch.Tensor) -> torch.Tensor | None:
+    """Given (batch or 1, T) position ids, with every real token that follows padding after real tokens of its row
+    (what generate appends to a right-padded prompt) numbered right after the row's real tokens before it, as a
+    call after a cached prompt numbers it: generate numbers those tokens after the padding's position ids, which
+    a cache never reads, so without this the same step would differ with and without a cache. Left padding
+    (nothing real before it) and ids of rows without such a gap stay as given."""
+    if given is None:
+        return None
+    seen_real = token_mask.cumsum(dim=1) > 0
+    after_gap = (~token_mask & seen_real).cumsum(dim=1) > 0
+    moved = token_mask & after_gap
+    if not bool(moved.any()):
+        return given
+    given = given.expand(token_mask.shape[0], -1)
+    before = given.masked_fill(~(token_mask & ~after_gap).to(given.device), -1).amax(dim=1, keepdim=True)
+    continued = before + moved.cumsum(dim=1).to(given.device)
+    return torch.where(moved.to(given.device), continued, given)
 
 
 def take_rows(x: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | None:

@@ -37,11 +37,10 @@ from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
 from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
-                   build_call, forward_parameters, get_argument, set_argument, tables_see_globals, token_inputs,
-                   token_mask_from,
-                   with_global_rows)
-from .caching import (cache_arguments, new_tokens_are_real, next_positions, padding_last, resolve_cache,
-                      room_for, take_rows)
+                   build_call, forward_parameters, get_argument, refuse_attention_weights, set_argument,
+                   tables_see_globals, token_inputs, token_mask_from, with_global_rows)
+from .caching import (cache_arguments, new_tokens_are_real, next_positions, padding_last, positions_after_gaps,
+                      resolve_cache, room_for, take_rows)
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
@@ -51,7 +50,7 @@ class StackFamily(FamilyAdapter):
     def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         table = get_submodule(base_model, entry.position_embeddings) if entry.has_position_table else None
-        LengthCheck(max_length).register_pre(base_model)
+        LengthCheck(max_length, table).register_pre(base_model)
         StackInput(lsg, max_length, entry.position_kind, causal, table, entry.keep_sliding_window_layers
                    ).register_pre(base_model)
         if table is not None and causal:
@@ -91,6 +90,7 @@ class StackInput(LSGHook):
         self.keep_sliding_window_layers = keep_sliding_window_layers
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        refuse_attention_weights(module, kwargs)
         input_ids, embeds, reference = token_inputs(module, args, kwargs)
         if reference is None:
             return None  # upstream raises its own error for this call
@@ -114,8 +114,11 @@ class StackInput(LSGHook):
         """A whole input (or a prompt that starts a cache): [globals; tokens; padding] and the per-call state."""
         batch, length = shape
         accepts = forward_parameters(module)
-        token_mask = token_mask_from(get_argument(module, args, kwargs, "attention_mask"), batch, length, embeds.device)
+        token_mask = token_mask_from(get_argument(module, args, kwargs, "attention_mask"), batch, length, embeds.device,
+                                     self.causal)
         given_positions = get_argument(module, args, kwargs, "position_ids")
+        if self.causal:
+            given_positions = positions_after_gaps(given_positions, token_mask)
         token_types = get_argument(module, args, kwargs, "token_type_ids") if "token_type_ids" in accepts else None
         row_order = padding_last(token_mask) if self.causal else None
         if row_order is not None:  # each row's real tokens first: its blocks do not depend on its padding
@@ -166,8 +169,8 @@ class StackInput(LSGHook):
         """Position ids of [globals; tokens; padding] (see the module docstring), always explicit: with a cache the
         model would count from the cache's length, which already includes this prompt."""
         tokens = torch.arange(length, device=device)[None] if given is None else given
-        if padding:
-            tokens = torch.cat([tokens, tokens[:, -1:] + torch.arange(1, padding + 1, device=device)], dim=1)
+        if padding:  # masked and trimmed: the last token's position, which a learned table always has
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, padding)], dim=1)
         count = self.lsg.num_global_tokens
         if self.position_kind == "rotary":
             return torch.cat([torch.arange(count, device=device).expand(tokens.shape[0], -1), tokens + count], dim=1)

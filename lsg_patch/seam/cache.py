@@ -55,14 +55,17 @@ class LayerState:
 
 
 class LSGCache(Cache):
-    """The compressed key/value cache of causal LSG (see the module docstring); pass it as the model's cache or let
-    lsg_patch create it (generate's empty DynamicCache is replaced by one)."""
+    """The compressed key/value cache of causal LSG (see the module docstring); pass it as the model's cache
+    (`LSGCache()`: it takes the layout of the model it is first passed to) or let lsg_patch create it (generate's
+    empty DynamicCache is replaced by one)."""
 
-    def __init__(self, layout: AttentionLayout, mask_first_token: bool = False) -> None:
+    def __init__(self, layout: AttentionLayout | None = None, mask_first_token: bool = False) -> None:
         super().__init__(layers=[])
-        self.layout = layout
+        self.layout: AttentionLayout | None = None
         self.mask_first_token = mask_first_token
-        self.items_per_key_head = sparse_kind(layout) in _KEY_HEAD_ITEMS
+        self.items_per_key_head = False
+        if layout is not None:
+            self.bind(layout, mask_first_token)
         self.states: dict[int, LayerState] = {}
         self.lengths: torch.Tensor | None = None  # (batch,) real tokens per row, on the CPU
         self.next_positions: torch.Tensor | None = None  # (batch,) position id of each row's next token, CPU
@@ -70,6 +73,12 @@ class LSGCache(Cache):
         # (batch, 1, hidden) what each row's token 0 outputs under pool_with_global (BERT-family decoders: global
         # token 0's output, which the prompt replaces it with); read when a row's token 0 comes after the prompt
         self.first_row: torch.Tensor | None = None
+
+    def bind(self, layout: AttentionLayout, mask_first_token: bool) -> None:
+        """Take the LSG layout of the model this cache serves (a cache made without one, before its first call)."""
+        self.layout = layout
+        self.mask_first_token = mask_first_token
+        self.items_per_key_head = sparse_kind(layout) in _KEY_HEAD_ITEMS
 
     # what transformers asks of a cache
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
