@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from typing import Any, Callable, Mapping, TypeVar
 
 from .config import LSGConfig, did_you_mean, option_names
@@ -28,10 +28,9 @@ from .global_tokens import GlobalInit, check_seed
 
 DEFAULT_MAX_LENGTH = 4096
 Function = TypeVar("Function", bound=Callable[..., Any])
-SEEDING_OPTIONS = ("global_positional_stride", "bos_token_id", "mask_token_id", "random_global_init", "seed")
-SEEDING_DEFAULTS: dict[str, Any] = {
-    "global_positional_stride": 64, "bos_token_id": None, "mask_token_id": None, "random_global_init": False, "seed": 0,
-}  # fmt: skip
+# The seeding options are GlobalInit's fields, with its defaults (the token ids: None, resolved at conversion time).
+SEEDING_DEFAULTS: dict[str, Any] = {f.name: None if f.default is MISSING else f.default for f in fields(GlobalInit)}
+SEEDING_OPTIONS = tuple(SEEDING_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -117,10 +116,10 @@ class ConversionOptions:
         return current if current is not None else DEFAULT_MAX_LENGTH
 
     def global_init(self, bos_token_id: int | None, mask_token_id: int | None) -> GlobalInit:
-        """The seeding of new global tokens with the resolved token ids (given ones take precedence upstream)."""
-        values = {**SEEDING_DEFAULTS, **self.seeding_given()}
-        return GlobalInit(bos_token_id, mask_token_id, values["global_positional_stride"], values["random_global_init"],
-                          values["seed"])  # fmt: skip
+        """The seeding of new global tokens: the given seeding options over their defaults, with the token ids
+        resolved from these options, the tokenizer or the config (`token_ids.resolve_seed_tokens`)."""
+        return GlobalInit(**{**SEEDING_DEFAULTS, **self.seeding_given(), "bos_token_id": bos_token_id,
+                             "mask_token_id": mask_token_id})  # fmt: skip
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -305,7 +305,6 @@ def _initial_global_embeddings(
     options: ConversionOptions, lsg: LSGConfig,
 ) -> nn.Embedding:  # fmt: skip
     positions = _seed_positions(base, entry)
-    check_positional_stride(options.global_init(None, None).global_positional_stride, positions.shape[0])
     words = get_submodule(base, entry.word_embeddings).weight
     seeds = resolve_seed_tokens(model, tokenizer, options.bos_token_id, options.mask_token_id)
     if entry.position_kind == "relative_bias" and seeds.bos_token_id is None and seeds.mask_token_id is None:
@@ -314,9 +313,10 @@ def _initial_global_embeddings(
         config = model.config
         seeds = SeedTokens(config.eos_token_id, config.pad_token_id,
                            f"the config's eos (row 0) and pad (other rows) ids, as {seeds.source} gave none")
+    init = options.global_init(seeds.bos_token_id, seeds.mask_token_id)
+    check_positional_stride(init.global_positional_stride, positions.shape[0])
     check_token_ids(seeds, words.shape[0])
     token_type = get_submodule(base, entry.token_type_embeddings).weight[0] if entry.token_type_embeddings else None
-    init = options.global_init(seeds.bos_token_id, seeds.mask_token_id)
     weight = initial_global_table(positions, words, token_type, init)
     vectors = "position vectors" if entry.has_position_table else f"no position vectors ({entry.position_kind} positions)"
     logger.info("global tokens seeded from %s, token ids from %s (bos id %s, mask id %s)", vectors, seeds.source,
