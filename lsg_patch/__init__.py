@@ -2,17 +2,18 @@
 
     model = lsg_patch.to_lsg(model, max_length=4096, block_size=128, sparsity_type="norm")
 """
-from .api import is_lsg_model, to_lsg
+from .api import from_lsg, is_lsg_model, to_lsg
 from .config import LSGConfig
-from .context import enabled
-from .persistence import from_pretrained
+from .context import enabled, from_pretrained
+from .inference import architecture_support
+from .options import ConversionOptions
 from .pattern import attention_pattern, plot_pattern
 from .seam.cache import LSGCache
-from .registry import ArchitectureEntry, architecture_support, register, supported_architectures, unregister
-from .swap import from_lsg
+from .registry import ArchitectureEntry, register, supported_architectures, unregister
 
 __all__ = [
     "ArchitectureEntry",
+    "ConversionOptions",
     "LSGCache",
     "LSGConfig",
     "architecture_support",

@@ -7,20 +7,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .persistence import REFERENCE_CODE_PREFIX, check_checkpoint_folder, saved_settings, weight_names
+from .persistence import REFERENCE_CODE_PREFIX, check_checkpoint_folder, check_config_folder, saved_settings, weight_names
 from .swap import MAX_LENGTH_KEY
 
 
 def checkpoint_report(folder: Path) -> dict[str, Any]:
     """What `info` prints: read from config.json and the weight files' headers (nothing is loaded or run)."""
-    if not folder.is_dir():
-        raise ValueError(f"checkpoint folder {str(folder)!r} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{str(folder)!r} has no config.json: it is not a transformers checkpoint folder")
+    check_config_folder(folder)
     try:
         raw = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{folder / 'config.json'} is not valid JSON: {error.msg} (line {error.lineno})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str) or not raw["model_type"]:
+        raise ValueError(f"{folder / 'config.json'} has no model_type: it is not a transformers model config")
     config = argparse.Namespace(**raw)
     settings = saved_settings(config)
     shapes = _weight_shapes(folder)

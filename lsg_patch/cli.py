@@ -23,12 +23,11 @@ from typing import Any, Sequence
 
 from .config import SPARSITY_TYPES, LSGConfig, option_names
 from .checkpoint_info import checkpoint_report
+from .options import DEFAULT_MAX_LENGTH, SEEDING_DEFAULTS, ConversionOptions
 from .persistence import check_checkpoint_folder, saved_settings
 from .sentence import MODULES_FILE, copy_sentence_modules, set_tokenizer_length, transformer_folder
 
 PROG = "lsg-patch"
-DEFAULT_MAX_LENGTH = 4096
-DEFAULT_STRIDE = 64
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # what could be a model id rather than a path
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 OPTION_HELP = {
@@ -63,23 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     convert.add_argument("input", help="model folder (or hub id) to convert; a plain or an LSG checkpoint")
     convert.add_argument("output", help="folder to write the LSG checkpoint to (must not exist unless --overwrite)")
-    convert.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                         help=f"number of tokens the converted model accepts (default {DEFAULT_MAX_LENGTH})")  # fmt: skip
+    convert.add_argument("--max-length", type=int, default=None,
+                         help=f"number of tokens the converted model accepts (default: {DEFAULT_MAX_LENGTH} for a plain "
+                         "input, the saved length for an LSG input)")  # fmt: skip
     convert.add_argument("--architecture", help="transformers class to load and save, e.g. BertForMaskedLM "
                          "(an LSG name such as LSGBertForMaskedLM is accepted); default: the config's architecture")  # fmt: skip
     convert.add_argument("--lsg", metavar="JSON", default=None,
                          help='LSG options as a JSON object, e.g. \'{"sparsity_type": "lsh", "block_size": 32}\'')  # fmt: skip
     _add_lsg_flags(convert.add_argument_group("LSG options (default: the reference defaults, or the input's own settings)"))
-    init = convert.add_argument_group("global tokens and positions")
-    init.add_argument("--random-global-init", action="store_true",
-                      help="draw global tokens from the word-embedding distribution instead of the mask token")  # fmt: skip
-    init.add_argument("--global-positional-stride", type=int, default=None, metavar="N",
-                      help=f"stride between the positions global tokens are seeded from (default {DEFAULT_STRIDE})")  # fmt: skip
+    init = convert.add_argument_group(
+        "global tokens (an LSG input keeps its trained ones, as to_lsg does, unless --reinitialize-global-tokens)")
+    _add_seeding_flags(init)
+    init.add_argument("--reinitialize-global-tokens", action="store_true",
+                      help="LSG input only: seed new global tokens (as for a plain input) instead of keeping the trained ones")  # fmt: skip
     init.add_argument("--keep-first-global-token", action="store_true",
-                      help="LSG input only: re-initialise the global tokens but keep the trained first one")  # fmt: skip
-    init.add_argument("--resize-lsg", action="store_true",
-                      help="LSG input only: only extend the positions (and change given options); keep all global tokens")  # fmt: skip
-    init.add_argument("--seed", type=int, default=0, help="seed of the random parts of the initialisation (default 0)")
+                      help="with --reinitialize-global-tokens: keep the trained first global token")  # fmt: skip
     convert.add_argument("--dtype", choices=DTYPES, default="auto",
                          help="dtype to load and save the model in (default: auto, as saved)")  # fmt: skip
     convert.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
@@ -100,12 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-length", type=int, default=None,
                      help="convert plain checkpoints to this many tokens on load (default: load them unchanged)")  # fmt: skip
     _add_lsg_flags(run.add_argument_group("LSG options for plain checkpoints converted on load"))
-    run_init = run.add_argument_group("global tokens of plain checkpoints converted on load")
-    run_init.add_argument("--random-global-init", action="store_true", default=None,
-                          help="draw global tokens from the word-embedding distribution")  # fmt: skip
-    run_init.add_argument("--global-positional-stride", type=int, default=None, metavar="N",
-                          help=f"stride between the positions global tokens are seeded from (default {DEFAULT_STRIDE})")  # fmt: skip
-    run_init.add_argument("--seed", type=int, default=None, help="seed of the random parts of the initialisation")
+    _add_seeding_flags(run.add_argument_group("global tokens of plain checkpoints converted on load"))
     run.add_argument("program", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command to run, after --")
     return parser
 
@@ -122,6 +114,17 @@ def _add_lsg_flags(group: Any) -> None:
                                help=OPTION_HELP[field.name])  # fmt: skip
         else:
             group.add_argument(flag, dest=field.name, type=int, default=None, metavar="N", help=OPTION_HELP[field.name])
+
+
+def _add_seeding_flags(group: Any) -> None:
+    """The seeding options that have flags (bos/mask ids come from the tokenizer saved with the checkpoint)."""
+    group.add_argument("--random-global-init", action="store_true", default=None,
+                       help="draw global tokens from the word-embedding distribution instead of the mask token")  # fmt: skip
+    group.add_argument("--global-positional-stride", type=int, default=None, metavar="N",
+                       help="stride between the positions global tokens are seeded from "
+                       f"(default {SEEDING_DEFAULTS['global_positional_stride']})")  # fmt: skip
+    group.add_argument("--seed", type=int, default=None,
+                       help=f"seed of the random parts of the initialisation (default {SEEDING_DEFAULTS['seed']})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,25 +146,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- convert ----------------------------------------------------------------------------------------------
 
 
-def lsg_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The LSG options given as flags and in --lsg, refusing an option given both ways and unknown names."""
-    flags = {name: getattr(args, name) for name in option_names() if getattr(args, name) is not None}
-    if args.lsg is None:
-        return flags
-    try:
-        parsed = json.loads(args.lsg)
-    except json.JSONDecodeError:
-        try:  # the reference's --model_kwargs accepted single quotes
-            parsed = json.loads(args.lsg.replace("'", '"'))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"--lsg is not valid JSON ({error.msg} at character {error.pos}): {args.lsg}") from None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"--lsg must be a JSON object of LSG options, got {type(parsed).__name__}: {args.lsg}")
-    LSGConfig.from_kwargs(None, **{k: v for k, v in parsed.items() if k not in option_names()})  # unknown names raise
-    both = sorted(set(parsed) & set(flags))
-    if both:
-        raise ValueError(f"{both[0]} is given both in --lsg and as --{both[0].replace('_', '-')}; give it once")
-    return {**parsed, **flags}
+SEEDING_FLAGS = ("random_global_init", "global_positional_stride", "seed")
+
+
+def conversion_options(args: argparse.Namespace) -> ConversionOptions:
+    """The options given as flags and in --lsg (an option given both ways, or an unknown name, raises)."""
+    flags = {name: getattr(args, name) for name in (*option_names(), *SEEDING_FLAGS) if getattr(args, name) is not None}
+    parsed: dict[str, Any] = {}
+    if args.lsg is not None:
+        try:
+            parsed = json.loads(args.lsg)
+        except json.JSONDecodeError:
+            try:  # the reference's --model_kwargs accepted single quotes
+                parsed = json.loads(args.lsg.replace("'", '"'))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"--lsg is not valid JSON ({error.msg} at character {error.pos}): {args.lsg}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"--lsg must be a JSON object of LSG options, got {type(parsed).__name__}: {args.lsg}")
+        unknown = sorted(set(parsed) - set(option_names()))
+        if unknown:
+            ConversionOptions.from_mapping({unknown[0]: parsed[unknown[0]]})  # unknown names raise, with a suggestion
+            raise ValueError(f"--lsg takes the LSG options only ({', '.join(option_names())}); {unknown[0]} is not one")
+        both = sorted(set(parsed) & set(flags))
+        if both:
+            raise ValueError(f"{both[0]} is given both in --lsg and as --{both[0].replace('_', '-')}; give it once")
+    return ConversionOptions.from_mapping({**parsed, **flags, "max_length": args.max_length})
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -169,21 +178,17 @@ def convert(args: argparse.Namespace) -> None:
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .api import to_lsg
+    from .api import convert_with_options
     from .context import enabled
     from .persistence import model_class_for
-    from .registry import entry_for
     from .registry_paths import get_submodule
-    from .swap import from_lsg
+    from .swap import GLOBAL_EMBEDDINGS, record_of, revert
 
-    options = lsg_options(args)
+    options = conversion_options(args)
     output = Path(args.output)
     source = _model_folder(args.input)  # the Transformer module's folder for a sentence-transformers folder
     _check_input(source)
     _check_output(Path(args.input), output, args.overwrite)
-    if isinstance(args.max_length, int) and args.max_length < 1:
-        raise ValueError(f"--max-length {args.max_length} is not accepted: give a positive number of tokens")
-    stride = DEFAULT_STRIDE if args.global_positional_stride is None else args.global_positional_stride
     progress = _progress_bar(args.progress, ["read", "load", "convert", "save"])
     if progress.disable:
         hf_logging.disable_progress_bar()
@@ -191,8 +196,8 @@ def convert(args: argparse.Namespace) -> None:
     _say(f"reading {source}")
     config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     saved = saved_settings(config)
-    settings = LSGConfig.from_kwargs(saved, **options)  # every option validated before any weight is read
-    _check_modes(args, saved is not None)
+    settings = options.settings(saved)  # every option validated before any weight is read
+    _check_modes(args, options, saved is not None)
     model_class = model_class_for(config, args.architecture)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     progress.update()
@@ -206,36 +211,37 @@ def convert(args: argparse.Namespace) -> None:
         model = model_class.from_pretrained(source, dtype=dtype)
     tokenizer = _tokenizer(AutoTokenizer, source)
     before = sum(p.numel() for p in model.parameters())
-    model_type, entry = entry_for(model)
-    base = getattr(model, "base_model", model)
     progress.update()
 
-    if saved is not None and args.resize_lsg:
-        _say(f"resizing the LSG model to {args.max_length} tokens; global tokens kept")
-        to_lsg(model, max_length=args.max_length, **options)
-    else:
-        first = None
-        if saved is not None:
-            table = get_submodule(base, entry.global_embeddings_parent).global_embeddings.weight
-            first = table.detach()[0].clone() if args.keep_first_global_token else None
-            _say("re-initialising the global tokens of the LSG input" + (" (first one kept)" if first is not None else ""))
-            from_lsg(model)
-        _say(f"converting to LSG: max length {args.max_length}, {settings}")
-        to_lsg(model, max_length=args.max_length, tokenizer=tokenizer, global_positional_stride=stride,
-               random_global_init=args.random_global_init, seed=args.seed, **dataclasses.asdict(settings))  # fmt: skip
-        if first is not None:
-            with torch.no_grad():
-                get_submodule(base, entry.global_embeddings_parent).global_embeddings.weight[0] = first
+    first = None
+    if args.reinitialize_global_tokens:
+        loaded = record_of(model)
+        table = getattr(get_submodule(getattr(model, "base_model", model), loaded.entry.global_embeddings_parent),
+                        GLOBAL_EMBEDDINGS)  # fmt: skip
+        first = table.weight.detach()[0].clone() if args.keep_first_global_token else None
+        _say("re-initialising the global tokens of the LSG input" + (" (first one kept)" if first is not None else ""))
+        revert(model)  # the saved settings and length stay the base of the new conversion
+        options = options.over(ConversionOptions(max_length=loaded.max_length, **dataclasses.asdict(loaded.lsg)))
+    elif saved is not None:
+        _say("re-configuring the LSG input; its trained global tokens are kept")
+    _say(f"converting to LSG: {settings}")
+    convert_with_options(model, options, tokenizer)
+    record = record_of(model)
+    if first is not None:
+        table = getattr(get_submodule(getattr(model, "base_model", model), record.entry.global_embeddings_parent),
+                        GLOBAL_EMBEDDINGS)  # fmt: skip
+        with torch.no_grad():
+            table.weight[0] = first
     after = sum(p.numel() for p in model.parameters())
     progress.update()
 
     _say(f"saving to {output}")
-    kept = _save(model, tokenizer, args.max_length, output, args.overwrite, Path(args.input), source)
+    kept = _save(model, tokenizer, record.max_length, output, args.overwrite, Path(args.input), source)
     progress.update()
     progress.close()
     if kept:
-        _say(f"sentence-transformers folder: kept {', '.join(kept)} (max_seq_length {args.max_length})")
-    print(f"{PROG}: done: {model_type} {type(model).__name__}, max length {args.max_length}, "
+        _say(f"sentence-transformers folder: kept {', '.join(kept)} (max_seq_length {record.max_length})")
+    print(f"{PROG}: done: {record.model_type} {type(model).__name__}, max length {record.max_length}, "
           f"{after - before:+,} parameters ({before:,} -> {after:,}), {model.config.sparsity_type} sparsity, "
           f"block {model.config.block_size}, {model.config.num_global_tokens} global token(s)"
           + ("" if tokenizer is not None else "; no tokenizer found in the input, only the model was saved"))  # fmt: skip
@@ -259,20 +265,21 @@ def _progress_bar(show: bool | None, steps: list[str]) -> Any:
     return tqdm(total=len(steps), desc=f"{PROG} convert", unit="step", disable=disable, file=sys.stderr)
 
 
-def _check_modes(args: argparse.Namespace, input_is_lsg: bool) -> None:
+def _check_modes(args: argparse.Namespace, options: ConversionOptions, input_is_lsg: bool) -> None:
+    """Flags that only mean something for one kind of input are refused for the other, before any weight is read."""
     if not input_is_lsg:
-        for flag, given in (("--resize-lsg", args.resize_lsg), ("--keep-first-global-token", args.keep_first_global_token)):
+        for flag, given in (("--reinitialize-global-tokens", args.reinitialize_global_tokens),
+                            ("--keep-first-global-token", args.keep_first_global_token)):  # fmt: skip
             if given:
                 raise ValueError(f"{flag} needs an LSG input, but {args.input} is a plain checkpoint")
         return
-    if args.resize_lsg:
-        for flag, given in (
-            ("--keep-first-global-token", args.keep_first_global_token),
-            ("--random-global-init", args.random_global_init),
-            ("--global-positional-stride", args.global_positional_stride is not None),
-        ):
-            if given:
-                raise ValueError(f"{flag} has no effect with --resize-lsg, which keeps every global token; drop one of them")
+    if args.keep_first_global_token and not args.reinitialize_global_tokens:
+        raise ValueError("--keep-first-global-token needs --reinitialize-global-tokens (without it every trained "
+                         "global token is kept)")  # fmt: skip
+    if options.seeding_given() and not args.reinitialize_global_tokens:
+        flag = "--" + next(iter(options.seeding_given())).replace("_", "-")
+        raise ValueError(f"{flag} seeds new global tokens, but {args.input} is an LSG checkpoint whose trained global "
+                         "tokens are kept; add --reinitialize-global-tokens to seed new ones")  # fmt: skip
 
 
 def _check_input(source: str) -> None:
@@ -346,9 +353,6 @@ def _say(message: str) -> None:
 
 # --- run ------------------------------------------------------------------------------------------------
 
-RUN_CONVERSION_FLAGS = ("random_global_init", "global_positional_stride", "seed")
-
-
 def run(args: argparse.Namespace) -> None:
     """Validate the options, then replace this process by the command (see lsg_patch.run)."""
     from .run import execute
@@ -356,7 +360,7 @@ def run(args: argparse.Namespace) -> None:
     command = list(args.program)
     if command[:1] == ["--"]:
         command = command[1:]
-    names = (*option_names(), *RUN_CONVERSION_FLAGS)
+    names = (*option_names(), *SEEDING_FLAGS)
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.max_length is not None:
         options["max_length"] = args.max_length

@@ -7,7 +7,7 @@ Validation raises instead of fixing values up: a misspelled option must never be
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
 from .attention.layout import AttentionLayout
@@ -47,7 +47,7 @@ class LSGConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not accepted: it must be True or False")
         if self.sparsity_type not in SPARSITY_TYPES:
-            hint = _did_you_mean(str(self.sparsity_type), SPARSITY_TYPES)
+            hint = did_you_mean(str(self.sparsity_type), SPARSITY_TYPES)
             raise ValueError(
                 f"sparsity_type={self.sparsity_type!r} is not accepted{hint}; choose one of {', '.join(SPARSITY_TYPES)}"
             )
@@ -62,21 +62,6 @@ class LSGConfig:
                 "mask_first_token=True needs pool_with_global=True (the first global token takes the place of "
                 "the masked first token); got pool_with_global=False"
             )
-
-    @classmethod
-    def from_kwargs(cls, base: "LSGConfig | None" = None, **options: Any) -> "LSGConfig":
-        """Build from keyword options, refusing unknown names (with a suggestion for typos)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            name = unknown[0]
-            raise ValueError(
-                f"unknown LSG option {name!r}{_did_you_mean(name, sorted(known))}; "
-                f"accepted options are {', '.join(sorted(known))}"
-            )
-        if "sparsity_type" in options and options["sparsity_type"] is None:
-            options["sparsity_type"] = "none"
-        return replace(base, **options) if base is not None else cls(**options)
 
     @classmethod
     def from_model_config(cls, model_config: Any) -> "LSGConfig":
@@ -116,7 +101,7 @@ def has_lsg_settings(model_config: Any) -> bool:
 
 
 def option_names() -> tuple[str, ...]:
-    """Every LSG option name accepted by `to_lsg` and `LSGConfig.from_kwargs`."""
+    """The LSG parameters' names (the fields of LSGConfig), as `to_lsg` and the saved configs name them."""
     return tuple(f.name for f in fields(LSGConfig))
 
 
@@ -128,6 +113,6 @@ def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) 
         raise ValueError(f"{name}={value} is not accepted: it must be {bound}")
 
 
-def _did_you_mean(name: str, candidates: Mapping[str, Any] | tuple[str, ...] | list[str]) -> str:
+def did_you_mean(name: str, candidates: Mapping[str, Any] | tuple[str, ...] | list[str]) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

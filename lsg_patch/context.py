@@ -4,18 +4,22 @@ Rules (README "Loading inside enabled()"):
 * A checkpoint whose config carries LSG settings (saved by lsg_patch or by the public LSG project) is rebuilt
   as saved: LSG attention is attached between model construction and weight loading, so transformers' own
   loader fills the saved global table and full-length position tables (nothing is re-initialised or tiled).
-  LSG options given to `from_pretrained` itself (the LSG model cards' `num_global_tokens=16, block_size=64,
-  ...`) override the saved settings; the block's overrides do not apply to such checkpoints.
+  The block's LSG options, then those given to `from_pretrained` itself (the LSG model cards'
+  `num_global_tokens=16, block_size=64, ...`), override the saved settings; the block's max_length and seeding
+  options are for plain checkpoints (a saved model keeps its length and its trained global tokens).
 * A plain checkpoint is converted with `to_lsg(model, **overrides)` when the block gives `max_length`, with
   the block's options and then `from_pretrained`'s LSG options. Without `max_length` it is loaded unchanged
-  (logged), and LSG options passed to its `from_pretrained` raise.
+  (logged), and LSG options passed to its `from_pretrained` raise. A tokenizer loaded afterwards in the block from
+  the same checkpoint gets `model_max_length = max_length`, as `to_lsg(tokenizer=...)` gives it (so a
+  sentence-transformers folder converted on load gets that `max_seq_length`).
 * `trust_remote_code=True` is accepted and replaced by False (logged once per process); code shipped with a
   checkpoint is never imported while a block is open.
 
 Patches (wrapt) go on `PreTrainedModel.from_pretrained` — every Auto class ends there too —, on
-`PreTrainedModel._load_pretrained_model` (the seam between building and loading), and on transformers'
-`resolve_trust_remote_code` / `get_class_in_module`. They are installed when the first block opens and all
-removed when the last one closes, also when it raises; a transformers module imported meanwhile is cleaned too.
+`PreTrainedModel._load_pretrained_model` (the seam between building and loading), on
+`PreTrainedTokenizerBase.from_pretrained`, and on transformers' `resolve_trust_remote_code` /
+`get_class_in_module`. They are installed when the first block opens and all removed when the last one closes,
+also when it raises; a transformers module imported meanwhile is cleaned too.
 
 Threads: the block's settings live in a `contextvars.ContextVar`. While any block is open the patches are in
 place process-wide, but they do nothing in threads (or contexts) that did not open a block themselves, so
@@ -32,32 +36,37 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import wrapt
+from torch import nn
 
-from .api import check_conversion_options, to_lsg  # the public to_lsg also raises a given tokenizer's length
-from .config import LSGConfig, option_names
-from .registry import entry_for
-from .persistence import drop_reference_code_map, saved_settings
+from .api import convert_with_options  # the public to_lsg: it also raises a given tokenizer's length
+from .config import has_lsg_settings, option_names
+from .inference import entry_for
+from .options import ConversionOptions
+from .persistence import drop_reference_code_map, model_class_for, saved_settings
+from .sentence import set_tokenizer_length
 from .swap import attach_saved_lsg, is_lsg_model
+from .token_ids import check_tokenizer
 
 logger = logging.getLogger("lsg_patch")
 
-# to_lsg's keyword arguments besides the LSG options; they only matter when a plain checkpoint is converted.
-CONVERSION_OPTIONS = ("tokenizer", "bos_token_id", "mask_token_id", "global_positional_stride", "random_global_init", "seed")
 # Options the public LSG model cards pass to from_pretrained that are not LSGConfig fields.
 CARD_DROPOUT = "attention_probs_dropout_prob"
 
 
 @dataclass(frozen=True)
 class _Block:
-    max_length: int | None
-    conversion: dict[str, Any]
-    lsg_options: dict[str, Any]
+    options: ConversionOptions
+    tokenizer: Any = None
+    # checkpoints converted on load in this block (and the blocks nested in it): path -> max_length, for the
+    # tokenizers loaded from them afterwards
+    converted: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,7 +75,8 @@ class _Load:
 
     block: _Block
     model_class: type
-    lsg_kwargs: dict[str, Any]
+    kwargs_options: ConversionOptions  # the LSG options given to from_pretrained itself
+    path_key: str
     seen: bool = False
     rebuilt: bool = False
 
@@ -85,9 +95,10 @@ def enabled(max_length: int | None = None, **overrides: Any) -> Iterator[None]:
     """Inside the block, `from_pretrained` of any transformers model returns an LSG model (see module docstring).
 
     max_length: convert plain checkpoints to this length (without it they load unchanged).
-    overrides: LSG options (block_size, sparsity_type, ...) and to_lsg's conversion options (tokenizer,
-    bos_token_id, mask_token_id, global_positional_stride, random_global_init, seed) for plain checkpoints.
-    Unknown names and invalid values raise here, before anything is patched.
+    overrides: to_lsg's keywords (`ConversionOptions`' fields, and tokenizer): the LSG options (block_size,
+    sparsity_type, ...) apply to every checkpoint loaded, saved LSG ones included; the seeding options
+    (bos_token_id, mask_token_id, global_positional_stride, random_global_init, seed) and the tokenizer to plain
+    checkpoints converted on load. Unknown names and invalid values raise here, before anything is patched.
     """
     outer = _current_block()
     block = _new_block(max_length, overrides, outer)
@@ -101,19 +112,13 @@ def enabled(max_length: int | None = None, **overrides: Any) -> Iterator[None]:
 
 
 def _new_block(max_length: Any, overrides: dict[str, Any], outer: _Block | None) -> _Block:
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
-        raise ValueError(f"max_length={max_length!r} is not accepted: give a positive integer, or None")
-    conversion = {k: v for k, v in overrides.items() if k in CONVERSION_OPTIONS}
-    lsg_options = {k: v for k, v in overrides.items() if k not in CONVERSION_OPTIONS}
-    check_lsg_options(lsg_options, extra=CONVERSION_OPTIONS + ("max_length",))
-    check_conversion_options(**conversion)
+    overrides = dict(overrides)
+    tokenizer = overrides.pop("tokenizer", None)
+    check_tokenizer(tokenizer)
+    options = ConversionOptions.from_mapping({"max_length": max_length, **overrides}, also_accepted=("tokenizer",))
     if outer is None:
-        return _Block(max_length, conversion, lsg_options)
-    return _Block(
-        max_length if max_length is not None else outer.max_length,
-        {**outer.conversion, **conversion},
-        {**outer.lsg_options, **lsg_options},
-    )
+        return _Block(options, tokenizer)
+    return _Block(options.over(outer.options), tokenizer if tokenizer is not None else outer.tokenizer, outer.converted)
 
 
 def enable_for_process(max_length: int | None = None, **overrides: Any) -> None:
@@ -135,32 +140,6 @@ def check_enabled_options(max_length: int | None = None, **overrides: Any) -> No
 def _current_block() -> _Block | None:
     block = _ACTIVE.get()
     return block if block is not None else _PROCESS_BLOCK
-
-
-def check_lsg_options(options: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
-    """Validate option names and values that may later be merged over other settings.
-
-    The two cross-field rules (block_size a multiple of sparsity_factor, mask_first_token needs
-    pool_with_global) are checked only when both fields are given; the merge is validated again when used.
-    """
-    known = option_names()
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        try:
-            LSGConfig.from_kwargs(None, **{unknown[0]: options[unknown[0]]})
-        except ValueError as error:
-            if extra:
-                raise ValueError(f"{error}, and {', '.join(extra)}") from None
-            raise
-    permissive: dict[str, Any] = {}
-    factor = options.get("sparsity_factor")
-    if "block_size" not in options and isinstance(factor, int) and not isinstance(factor, bool) and factor > 0:
-        permissive["block_size"] = factor
-    if "sparsity_factor" not in options:
-        permissive["sparsity_factor"] = 1
-    if "pool_with_global" not in options:
-        permissive["pool_with_global"] = True
-    LSGConfig.from_kwargs(None, **{**permissive, **options})
 
 
 def _open() -> None:
@@ -199,9 +178,12 @@ class _Patch:
 def _install() -> None:
     from transformers import PreTrainedModel, dynamic_module_utils
 
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
     patches = [
         _wrap_class_attribute(PreTrainedModel, "from_pretrained", _from_pretrained_wrapper),
         _wrap_class_attribute(PreTrainedModel, "_load_pretrained_model", _load_wrapper),
+        _wrap_class_attribute(PreTrainedTokenizerBase, "from_pretrained", _tokenizer_wrapper),
         _wrap_class_attribute(dynamic_module_utils, "get_class_in_module", _refuse_remote_code),
     ]
     resolve = dynamic_module_utils.resolve_trust_remote_code
@@ -246,14 +228,13 @@ def _from_pretrained_wrapper(wrapped: Callable, model_class: Any, args: tuple, k
     block = _current_block()
     if block is None or _LOADING.get() is not None:  # outside any block, or a load nested in one being handled
         return wrapped(*args, **kwargs)
-    lsg_kwargs = {k: kwargs.pop(k) for k in option_names() if k in kwargs}
-    check_lsg_options(lsg_kwargs)
+    kwargs_options = ConversionOptions.from_mapping({k: kwargs.pop(k) for k in option_names() if k in kwargs})
     if kwargs.get("trust_remote_code"):
         _note_remote_code()
         kwargs["trust_remote_code"] = False
     _absorb_card_dropout(model_class, kwargs)
     want_info = kwargs.pop("output_loading_info", False)
-    load = _Load(block, model_class, lsg_kwargs)
+    load = _Load(block, model_class, kwargs_options, _path_key(args[0] if args else kwargs.get("pretrained_model_name_or_path")))
     token = _LOADING.set(load)
     try:
         model, info = wrapped(*args, output_loading_info=True, **kwargs)
@@ -270,22 +251,26 @@ def _load_wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -
     load.seen = True
     model = args[0] if args else kwargs["model"]
     saved = saved_settings(model.config)
+    options = load.kwargs_options.over(load.block.options)
     if saved is not None:
-        lsg = LSGConfig.from_kwargs(saved, **load.lsg_kwargs)
+        lsg = options.settings(saved)
+        if lsg != saved:
+            logger.info("lsg_patch: LSG options given (%s) override the saved settings of %s",
+                        ", ".join(f"{k}={v!r}" for k, v in options.lsg_given().items()), type(model).__name__)  # fmt: skip
         if drop_reference_code_map(model.config):
             logger.info("lsg_patch: dropped the config's auto_map (it points at the LSG project's code, never run)")
         attach_saved_lsg(model, lsg)
         load.rebuilt = True
-    elif load.block.max_length is None:
-        if load.lsg_kwargs:
+    elif options.max_length is None:
+        if load.kwargs_options.given():
             raise ValueError(
-                f"from_pretrained got LSG options ({', '.join(sorted(load.lsg_kwargs))}) but "
+                f"from_pretrained got LSG options ({', '.join(sorted(load.kwargs_options.given()))}) but "
                 f"{model.config._name_or_path or 'the checkpoint'} is a plain checkpoint and the lsg_patch.enabled() "
                 "block gives no max_length; use lsg_patch.enabled(max_length=...) to convert plain checkpoints"
             )
     else:  # validated now, before any weight is read
         entry_for(model)
-        LSGConfig.from_kwargs(None, **{**load.block.lsg_options, **load.lsg_kwargs})
+        options.settings(None)
     return wrapped(*args, **kwargs)
 
 
@@ -302,12 +287,35 @@ def _finish(model: Any, info: dict[str, Any], load: _Load) -> None:
             f"lsg_patch could not attach LSG attention while loading {name} (this transformers version did not "
             "load through PreTrainedModel._load_pretrained_model); the model would silently run without LSG"
         )
-    if load.block.max_length is None:
+    options = load.kwargs_options.over(load.block.options)
+    if options.max_length is None:
         logger.info("lsg_patch: %s is a plain checkpoint and enabled() got no max_length: loaded unchanged", name)
         return
-    options = {**load.block.lsg_options, **load.lsg_kwargs}
-    to_lsg(model, max_length=load.block.max_length, **load.block.conversion, **options)
+    convert_with_options(model, options, load.block.tokenizer)
     assert is_lsg_model(model)
+    if load.path_key:
+        load.block.converted[load.path_key] = options.max_length
+
+
+def _tokenizer_wrapper(wrapped: Callable, tokenizer_class: Any, args: tuple, kwargs: dict) -> Any:
+    """A tokenizer loaded in a block from a checkpoint converted on load there gets the converted length."""
+    tokenizer = wrapped(*args, **kwargs)
+    block = _current_block()
+    if block is None:
+        return tokenizer
+    length = block.converted.get(_path_key(args[0] if args else kwargs.get("pretrained_model_name_or_path")))
+    current = getattr(tokenizer, "model_max_length", None)
+    if length is not None and isinstance(current, int) and current < length:
+        set_tokenizer_length(tokenizer, length)
+        logger.info("lsg_patch: tokenizer model_max_length set to %d (its model was converted on load)", length)
+    return tokenizer
+
+
+def _path_key(path: Any) -> str:
+    """How a checkpoint's path or id is recognised between a model and a tokenizer loaded from it."""
+    if not isinstance(path, (str, os.PathLike)):
+        return ""
+    return os.path.abspath(path) if os.path.isdir(path) else str(path)
 
 
 def _absorb_card_dropout(model_class: Any, kwargs: dict[str, Any]) -> None:
@@ -364,3 +372,27 @@ def _note_remote_code() -> None:
             "lsg_patch.enabled(): trust_remote_code=True is ignored; no code from the checkpoint is run, "
             "LSG is applied by lsg_patch to transformers' own classes"
         )
+
+
+# --- loading an LSG checkpoint in one call ------------------------------------------------------------------
+
+
+def from_pretrained(path: str | os.PathLike, *model_args: Any, architecture: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a checkpoint as an LSG model with no remote code: lsg_patch or reference LSG checkpoints are rebuilt
+    as saved; the class is `architecture`, else the config's (LSGBertForMaskedLM -> BertForMaskedLM).
+
+    Keyword arguments go to `from_pretrained` as inside `lsg_patch.enabled()` (LSG options override the
+    saved ones). A plain checkpoint raises: convert it with `to_lsg` or `enabled(max_length=...)`.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if not has_lsg_settings(config):
+        raise ValueError(
+            f"{path} is not an LSG checkpoint (its config has no block_size / sparsity_type / num_global_tokens); "
+            "convert it with lsg_patch.to_lsg(model, max_length=...) or load it inside lsg_patch.enabled(max_length=...)"
+        )
+    model_class = model_class_for(config, architecture)
+    kwargs.pop("trust_remote_code", None)
+    with enabled():
+        return model_class.from_pretrained(path, *model_args, **kwargs)

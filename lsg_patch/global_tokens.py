@@ -19,8 +19,8 @@ class GlobalInit:
 
     bos_token_id: int | None
     mask_token_id: int | None
-    positional_stride: int = 64
-    random: bool = False
+    global_positional_stride: int = 64
+    random_global_init: bool = False
     seed: int = 0
 
 
@@ -50,9 +50,9 @@ def initial_global_table(
 ) -> torch.Tensor:
     """The 512 x dim global table. `positions` is the original table without its offset rows."""
     generator = torch.Generator().manual_seed(init.seed)
-    table = _spread_positions(positions.detach().float(), init.positional_stride, generator)
+    table = _spread_positions(positions.detach().float(), init.global_positional_stride, generator)
     words = word_embeddings.detach().float()
-    if init.random:
+    if init.random_global_init:
         words_part = _random_rows(words, generator)
         if init.bos_token_id is not None:
             words_part[0] = words[init.bos_token_id]

@@ -1,41 +1,55 @@
-"""The forward hooks lsg_patch installs, and their removal.
+"""The forward hooks lsg_patch installs, and the handles that remove them.
 
 Forward-time LSG work (prepending global tokens, block padding, building the mask once, trimming the
 output) runs in PyTorch forward hooks on the host model's own modules instead of replacing their
-forward functions: hooks survive deepcopy and pickling, need no copy of upstream code, and are all
-found again for removal because every one of them is an `LSGHook`.
+forward functions: hooks survive deepcopy and pickling and need no copy of upstream code. Every hook is
+registered while a conversion records (`recording_hooks`), and its `RemovableHandle` is kept with the
+conversion's record: removal uses the handles, never the modules' private hook dictionaries. The handles are
+pickled and deep-copied together with the modules they point into, so a copied model removes its own hooks.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+_RECORDING: contextvars.ContextVar[list[RemovableHandle] | None] = contextvars.ContextVar("lsg_hooks", default=None)
 
 
 class LSGHook:
-    """Base class of every hook lsg_patch registers; `remove_lsg_hooks` finds them by this type."""
+    """Base class of every hook lsg_patch registers (registered only inside `recording_hooks`)."""
 
     def register_pre(self, module: nn.Module) -> None:
-        module.register_forward_pre_hook(self, with_kwargs=True)
+        _record(module.register_forward_pre_hook(self, with_kwargs=True))
 
     def register_post(self, module: nn.Module) -> None:
-        module.register_forward_hook(self, with_kwargs=True)
+        _record(module.register_forward_hook(self, with_kwargs=True))
 
 
-def remove_lsg_hooks(root: nn.Module) -> None:
-    """Remove every LSGHook from `root` and its submodules."""
-    for module in root.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [key for key, hook in hooks.items() if isinstance(hook, LSGHook)]:
-                del hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_always_called.pop(key, None)
+@contextlib.contextmanager
+def recording_hooks() -> Iterator[list[RemovableHandle]]:
+    """Collect the handles of the LSGHooks registered inside the block (a conversion installing its family's
+    hooks), in registration order."""
+    handles: list[RemovableHandle] = []
+    token = _RECORDING.set(handles)
+    try:
+        yield handles
+    finally:
+        _RECORDING.reset(token)
 
 
-def has_lsg_hooks(root: nn.Module) -> bool:
-    """True if any LSGHook is registered on `root` or below."""
-    return any(
-        isinstance(hook, LSGHook)
-        for module in root.modules()
-        for hooks in (module._forward_pre_hooks, module._forward_hooks)
-        for hook in hooks.values()
-    )
+def remove_hooks(handles: list[RemovableHandle]) -> None:
+    """Remove the hooks of a conversion (removing one twice is harmless)."""
+    for handle in handles:
+        handle.remove()
+
+
+def _record(handle: RemovableHandle) -> None:
+    handles = _RECORDING.get()
+    if handles is None:
+        handle.remove()
+        raise RuntimeError("LSG hooks are registered by a conversion only (inside hooks.recording_hooks())")
+    handles.append(handle)

@@ -5,14 +5,20 @@ Llama's). A layout is recognised from the module paths it needs, and from the at
 transformers' own classes (remote-code models report model types such as "bert" while running their own
 attention, ALiBi for instance) and must look their implementation up in the AttentionInterface. The first
 layout that fits gives the entry; when none does, the error names what was looked for and how to register().
+
+The resolver lives here too: `entry_for(model)` finds the registered or inferred entry and checks that it fits the
+model (every path it names exists, its attention modules can run LSG), the same checks `to_lsg` relies on, so
+`architecture_support(model)` says "registered" only for models `to_lsg` accepts.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
+from .registry import CANNOT_SUPPORT, supported_architectures
 from .registry import GPT2_LIKE, ROTARY_DECODER, ROTARY_ENCODER, ArchitectureEntry, bert_like_entry
 from .registry_paths import find_modules, get_submodule
 from .seam import routes_through_interface
@@ -97,3 +103,64 @@ def _padding_offset(base: nn.Module, path: str) -> int:
         return 0
     padding = getattr(get_submodule(base, path), "padding_idx", None)
     return 0 if padding is None else padding + 1
+
+
+# --- the resolver -------------------------------------------------------------------------------------------
+
+
+def entry_for(model: object) -> tuple[str, ArchitectureEntry]:
+    """The model's model_type and entry (registered, else inferred), checked against the model; a ValueError says
+    why lsg_patch cannot convert it (not a transformers model, refused type, unknown layout, missing module,
+    attention that cannot run LSG) and lists the registered types."""
+    registered = supported_architectures()
+    supported = ", ".join(sorted(registered))
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model, nn.Module) or not model_type:
+        raise ValueError(
+            f"lsg_patch cannot convert a {type(model).__name__}: it is not a transformers model with a "
+            f"config.model_type; supported model types: {supported}"
+        )
+    if model_type in CANNOT_SUPPORT and model_type not in registered:
+        raise ValueError(f"model_type {model_type!r} ({type(model).__name__}) cannot take LSG attention: "
+                         f"{CANNOT_SUPPORT[model_type]}")  # fmt: skip
+    if model_type in registered:
+        entry = registered[model_type]
+    else:
+        try:
+            entry = infer_entry(model, model_type)
+        except ValueError as error:
+            raise ValueError(f"{error}. Registered model types: {supported}") from None
+    check_entry_fits(model_type, entry, getattr(model, "base_model", model))
+    return model_type, entry
+
+
+def architecture_support(model: object) -> str:
+    """How lsg_patch would convert `model`: "registered", or "inferred: <layout>" for an unregistered type whose
+    layout was recognised; a ValueError says why it cannot (the same checks, and message, as `to_lsg`)."""
+    model_type, entry = entry_for(model)
+    return "registered" if model_type in supported_architectures() else entry.description
+
+
+def check_entry_fits(model_type: str, entry: ArchitectureEntry, base: nn.Module) -> None:
+    """Every path of the entry names a module of `base`, position tables have a weight, and every self-attention
+    module looks its implementation up in transformers' AttentionInterface (a module that does not would silently
+    keep dense attention after the conversion)."""
+    for field_name, path in entry.module_paths().items():
+        present = bool(find_modules(base, path)) if field_name == "self_attention" else _has(base, path)
+        if not present:
+            what = "matches" if field_name == "self_attention" else "names"
+            raise ValueError(f"registry entry {model_type!r}: {field_name} path {path!r} {what} no module in "
+                             f"{type(base).__name__}")  # fmt: skip
+    for path in (entry.position_embeddings, *entry.tied_position_tables) if entry.has_position_table else ():
+        if not isinstance(getattr(get_submodule(base, path), "weight", None), torch.Tensor):
+            raise ValueError(f"registry entry {model_type!r}: {path!r} is not a position table with a weight")
+    for _, _, module in find_modules(base, entry.self_attention):
+        if not routes_through_interface(module):
+            origin = type(module).__module__
+            remote = "" if origin.startswith("transformers.") else f" (its class comes from {origin}: remote code)"
+            raise ValueError(
+                f"registry entry {model_type!r}: {type(module).__name__}{remote} (path {entry.self_attention!r}) does "
+                "not call its attention through transformers' AttentionInterface (ALL_ATTENTION_FUNCTIONS[config."
+                "_attn_implementation]), so LSG attention cannot run in it; lsg_patch supports attention modules "
+                "that do"
+            )

@@ -4,7 +4,8 @@ A saved LSG checkpoint already holds position tables at full length and a traine
 rebuilding must neither tile positions nor initialise global tokens: `swap.attach_saved_lsg` swaps in the LSG
 attention and hooks on a freshly built (usually still meta-device) plain model and adds an *empty* global
 table for transformers' own loader to fill. `lsg_patch.enabled()` calls it between model construction and
-weight loading; `from_pretrained` below is the one-call version of that.
+weight loading; `lsg_patch.from_pretrained` (in context.py, beside `enabled()`) is the one-call version of that.
+This module only reads: settings from configs, classes from names, weight names from files.
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
-
-from torch import nn
 
 from .config import LSGConfig, has_lsg_settings
 
@@ -87,38 +86,21 @@ def head_classes(model_config: Any) -> set[str]:
     return {name for name in names if hasattr(transformers, name)}
 
 
-def from_pretrained(path: str | os.PathLike, *model_args: Any, architecture: str | None = None, **kwargs: Any) -> nn.Module:
-    """Load a checkpoint as an LSG model with no remote code: lsg_patch or reference LSG checkpoints are rebuilt
-    as saved; the class is `architecture`, else the config's (LSGBertForMaskedLM -> BertForMaskedLM).
-
-    Keyword arguments go to `from_pretrained` as inside `lsg_patch.enabled()` (LSG options override the
-    saved ones). A plain checkpoint raises: convert it with `to_lsg` or `enabled(max_length=...)`.
-    """
-    from transformers import AutoConfig
-
-    from .context import enabled
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if not has_lsg_settings(config):
-        raise ValueError(
-            f"{path} is not an LSG checkpoint (its config has no block_size / sparsity_type / num_global_tokens); "
-            "convert it with lsg_patch.to_lsg(model, max_length=...) or load it inside lsg_patch.enabled(max_length=...)"
-        )
-    model_class = model_class_for(config, architecture)
-    kwargs.pop("trust_remote_code", None)
-    with enabled():
-        return model_class.from_pretrained(path, *model_args, **kwargs)
-
-
-def check_checkpoint_folder(path: str | os.PathLike) -> Path:
-    """A local checkpoint folder with a config.json and weights, or a ValueError saying what is missing."""
+def check_config_folder(path: str | os.PathLike) -> Path:
+    """A local folder with a config.json, or a ValueError saying what is wrong (missing, a file, no config)."""
     folder = Path(path)
     if not folder.exists():
         raise ValueError(f"checkpoint folder {str(folder)!r} does not exist")
     if not folder.is_dir():
-        raise ValueError(f"{str(folder)!r} is a file, not a checkpoint folder")
+        raise ValueError(f"{str(folder)!r} is a file, not a checkpoint folder: give the folder that holds config.json")
     if not (folder / "config.json").is_file():
         raise ValueError(f"{str(folder)!r} has no config.json: it is not a transformers checkpoint folder")
+    return folder
+
+
+def check_checkpoint_folder(path: str | os.PathLike) -> Path:
+    """A local checkpoint folder with a config.json and weights, or a ValueError saying what is missing."""
+    folder = check_config_folder(path)
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(f"{str(folder)!r} holds no model weights (looked for {', '.join(WEIGHT_FILES)})")
     return folder
@@ -137,3 +119,13 @@ def weight_names(folder: Path) -> list[str]:
     import torch
 
     return sorted(torch.load(folder / "pytorch_model.bin", map_location="meta", weights_only=True))
+
+
+def __getattr__(name: str) -> Any:
+    """Import alias: `from_pretrained` moved to lsg_patch.context, beside `enabled()` which it uses (imported on
+    first use, so this module imports nothing that imports it)."""
+    if name == "from_pretrained":
+        from .context import from_pretrained
+
+        return from_pretrained
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,17 +2,35 @@
 
 An entry names module paths relative to the base model (`model.base_model`), how the position table
 is stored, how the global tokens are seeded, and the family adapter that carries the forward-time
-behaviour. Users add architectures with `register()`; nothing here touches tensors.
+behaviour (a FamilyAdapter, whose interface is defined here). Users add architectures with `register()`;
+nothing here touches tensors. Finding a model's entry (registered or inferred) and checking that it fits the
+model is the resolver's job: lsg_patch.inference.
 """
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .families.base import FamilyAdapter
+if TYPE_CHECKING:
+    from .config import LSGConfig
+
+class FamilyAdapter(ABC):
+    """The forward-time behaviour of one family, installed as LSGHooks on the host modules: global tokens in,
+    block padding, the per-call LSG state, trimmed outputs. The attention modules themselves stay the host's.
+    An ArchitectureEntry names its adapter; the implementations are in lsg_patch.families."""
+
+    @abstractmethod
+    def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
+        """Register the hooks that prepend global tokens, pad to blocks, build the mask and trim outputs."""
+
+    def remove(self, base_model: nn.Module, entry: "ArchitectureEntry") -> None:
+        """Undo what install_hooks changed besides its LSGHooks (which the conversion removes by their handles);
+        most families change nothing else."""
+
 
 POSITION_KINDS = ("learned", "sinusoidal", "rotary", "relative_bias", "none")
 TABLELESS_POSITION_KINDS = ("rotary", "relative_bias", "none")
@@ -308,38 +326,8 @@ def unregister(model_type: str) -> None:
 
 def supported_architectures() -> dict[str, ArchitectureEntry]:
     """A copy of the registry: model_type -> entry. Types it does not name may still be inferred from a loaded
-    model's modules: `architecture_support(model)` says which applies."""
+    model's modules: `architecture_support(model)` (lsg_patch.inference) says which applies."""
     return dict(_REGISTRY)
-
-
-def architecture_support(model: Any) -> str:
-    """How lsg_patch would convert `model`: "registered", or "inferred: <layout>" for an unregistered type whose
-    layout was recognised; a ValueError says why it cannot (refused type, unknown layout, foreign attention)."""
-    model_type, entry = entry_for(model)
-    return "registered" if model_type in _REGISTRY else entry.description
-
-
-def entry_for(model: Any) -> tuple[str, ArchitectureEntry]:
-    """The model's model_type and registry entry, or a ValueError listing what is supported."""
-    supported = ", ".join(sorted(_REGISTRY))
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if not isinstance(model, nn.Module) or not model_type:
-        raise ValueError(
-            f"lsg_patch cannot convert a {type(model).__name__}: it is not a transformers model with a "
-            f"config.model_type; supported model types: {supported}"
-        )
-    if model_type in CANNOT_SUPPORT and model_type not in _REGISTRY:
-        raise ValueError(f"model_type {model_type!r} ({type(model).__name__}) cannot take LSG attention: "
-                         f"{CANNOT_SUPPORT[model_type]}")
-    if model_type not in _REGISTRY:
-        from .inference import infer_entry  # it builds on this module's entries
-
-        try:
-            return model_type, infer_entry(model, model_type)
-        except ValueError as error:
-            raise ValueError(f"{error}. Registered model types: {supported}") from None
-    return model_type, _REGISTRY[model_type]
 
 
 def markdown_table() -> str:
@@ -378,3 +366,13 @@ def _resolve_adapter(model_type: str, adapter: type[FamilyAdapter] | str) -> typ
     if not (isinstance(adapter, type) and issubclass(adapter, FamilyAdapter)):
         raise ValueError(f"registry entry {model_type!r}: adapter {adapter!r} is not a FamilyAdapter subclass")
     return adapter
+
+
+def __getattr__(name: str) -> Any:
+    """Import aliases: the resolver (`entry_for`, `architecture_support`) moved to lsg_patch.inference, which builds
+    on this table (imported on first use, so this module imports nothing that imports it)."""
+    if name in ("entry_for", "architecture_support"):
+        from . import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,8 @@ def resolve_seed_tokens(
     model: Any, tokenizer: Any = None, bos_token_id: int | None = None, mask_token_id: int | None = None
 ) -> SeedTokens:
     """Explicit ids, else the given tokenizer, else the config's ids, else the tokenizer saved with the
-    model (offline only), else a position-only initialisation with whatever ids were found."""
+    model (offline only), else whatever ids the config has (the global tokens then start from the position
+    vectors alone, or as zero vectors where positions have none: the conversion warns)."""
     if bos_token_id is not None or mask_token_id is not None:
         return SeedTokens(bos_token_id, mask_token_id, "the bos_token_id/mask_token_id arguments")
     if tokenizer is not None:
@@ -40,8 +41,8 @@ def resolve_seed_tokens(
     return SeedTokens(
         config_bos,
         config_mask,
-        "no tokenizer (position-only initialisation"
-        + (", plus the config's bos_token_id)" if config_bos is not None else ")"),
+        "no tokenizer (none given, none saved with the model)"
+        + ("; the config's bos_token_id only" if config_bos is not None else ""),
     )
 
 

@@ -97,7 +97,7 @@ def test_every_flag_has_help_text() -> None:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
     flags = {s for a in subparsers["convert"]._actions for s in a.option_strings}
     assert {"--max-length", "--architecture", "--lsg", "--random-global-init", "--global-positional-stride",
-            "--keep-first-global-token", "--resize-lsg", "--dtype", "--sparsity-type", "--num-global-tokens"} <= flags  # fmt: skip
+            "--keep-first-global-token", "--reinitialize-global-tokens", "--dtype", "--sparsity-type", "--num-global-tokens"} <= flags  # fmt: skip
 
 
 def lsg_input(plain_dir: Path, folder: Path) -> Path:
@@ -109,9 +109,10 @@ def global_table(folder: Path) -> torch.Tensor:
     return load_file(str(folder / "model.safetensors"))["bert.embeddings.global_embeddings.weight"]
 
 
-def test_resize_lsg_keeps_every_global_token(plain_dir, tmp_path) -> None:
+def test_an_lsg_input_keeps_every_global_token(plain_dir, tmp_path) -> None:
+    """As to_lsg re-configures an LSG model: given options change, the trained global tokens stay."""
     source = lsg_input(plain_dir, tmp_path / "lsg256")
-    assert main(["convert", str(source), str(tmp_path / "lsg1024"), "--max-length", "1024", "--resize-lsg",
+    assert main(["convert", str(source), str(tmp_path / "lsg1024"), "--max-length", "1024",
                  "--sparsity-type", "none"]) == 0  # fmt: skip
     assert torch.equal(global_table(source), global_table(tmp_path / "lsg1024"))
     positions = load_file(str(tmp_path / "lsg1024" / "model.safetensors"))["bert.embeddings.position_embeddings.weight"]
@@ -128,7 +129,8 @@ def test_keep_first_global_token_reinitialises_the_others(plain_dir, tmp_path) -
     from safetensors.torch import save_file
 
     save_file(table, str(source / "model.safetensors"), metadata={"format": "pt"})
-    assert main(["convert", str(source), str(tmp_path / "out"), "--max-length", "512", "--keep-first-global-token"]) == 0
+    assert main(["convert", str(source), str(tmp_path / "out"), "--max-length", "512", "--reinitialize-global-tokens",
+                 "--keep-first-global-token"]) == 0  # fmt: skip
     before, after = global_table(source), global_table(tmp_path / "out")
     assert torch.equal(after[0], before[0]) and not torch.equal(after[1:], before[1:])
 
@@ -158,7 +160,7 @@ def invalid_lsg_checkpoint(plain_dir: Path, folder: Path) -> Path:
         (lambda p, t: [str(p), str(t / "out"), "--lsg", "{block_size: 8"], "--lsg is not valid JSON"),
         (lambda p, t: [str(p), str(t / "out"), "--block-size", "100", "--sparsity-factor", "3"], "block_size=100 is not a multiple of sparsity_factor=3"),
         (lambda p, t: [str(p), str(t / "out"), "--block-size", "8", "--lsg", '{"block_size": 8}'], "block_size is given both"),
-        (lambda p, t: [str(p), str(t / "out"), "--resize-lsg"], "--resize-lsg needs an LSG input"),
+        (lambda p, t: [str(p), str(t / "out"), "--reinitialize-global-tokens"], "--reinitialize-global-tokens needs an LSG input"),
         (lambda p, t: [str(p), str(t / "out"), "--architecture", "GPT2LMHeadModel"], "architecture 'GPT2LMHeadModel' is not a transformers class for model_type 'bert'"),
         (lambda p, t: [str(p), str(t / "out"), "--max-length", "64"], "max_length=64 is below the 128 positions"),
         (lambda p, t: [str(p), str(t / "out"), "--global-positional-stride", "7"], "global_positional_stride=7 is not accepted"),
@@ -166,7 +168,7 @@ def invalid_lsg_checkpoint(plain_dir: Path, folder: Path) -> Path:
         (lambda p, t: [str(p), str(p)], "is the input folder"),
     ],
     ids=["no-weights", "unknown-option", "lsg-not-object", "lsg-not-json", "invalid-values", "given-twice",
-         "resize-plain", "bad-architecture", "shorter", "bad-stride", "invalid-saved-config", "output-is-input"],  # fmt: skip
+         "reinitialize-plain", "bad-architecture", "shorter", "bad-stride", "invalid-saved-config", "output-is-input"],  # fmt: skip
 )
 def test_bad_input_gets_a_specific_error_and_nothing_is_written(make_args, message, plain_dir, tmp_path, capsys) -> None:
     (tmp_path / "empty").mkdir()

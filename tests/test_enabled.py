@@ -54,9 +54,12 @@ def patched_attributes() -> list[object]:
     """Every attribute enabled() may wrap, as currently bound."""
     from transformers import dynamic_module_utils
 
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
     values = [
         PreTrainedModel.__dict__["from_pretrained"],
         PreTrainedModel.__dict__["_load_pretrained_model"],
+        PreTrainedTokenizerBase.__dict__["from_pretrained"],
         dynamic_module_utils.__dict__["get_class_in_module"],
     ]
     values += [m.__dict__["resolve_trust_remote_code"] for n, m in list(sys.modules.items())
@@ -100,12 +103,19 @@ def test_lsg_options_for_a_plain_checkpoint_without_max_length_raise(plain_dir) 
     assert_nothing_patched()
 
 
-def test_lsg_checkpoint_is_rebuilt_as_saved_and_block_overrides_do_not_apply(lsg_dir, lsg_logs) -> None:
+def test_lsg_checkpoint_is_rebuilt_with_the_blocks_lsg_options_at_its_saved_length(lsg_dir, lsg_logs) -> None:
+    """The block's LSG options apply to saved LSG checkpoints too (as to_lsg would re-configure them); its
+    max_length is for plain checkpoints: a saved model keeps its length and its trained global tokens."""
     with lsg_patch.enabled(max_length=1024, block_size=32, sparsity_type="none"):
         model = AutoModelForSequenceClassification.from_pretrained(lsg_dir)
-    assert model.config.block_size == 16 and model.config.sparsity_type == "norm"
+    assert model.config.block_size == 32 and model.config.sparsity_type == "none"
+    assert model.config.sparse_block_size == 16 and model.config.num_global_tokens == 2  # saved, not given
     assert model.config.max_position_embeddings == 512
     assert "rebuilt BertForSequenceClassification as an LSG model" in lsg_logs.text
+    assert "override the saved settings" in lsg_logs.text
+    expected = lsg_patch.to_lsg(lsg_patch.from_pretrained(lsg_dir), block_size=32, sparsity_type="none")
+    batch = long_batch()
+    assert torch.allclose(model(**batch).logits, expected(**batch).logits, atol=1e-6)
 
 
 def test_model_card_keyword_arguments_override_saved_settings(lsg_dir, tmp_path, lsg_logs) -> None:

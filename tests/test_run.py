@@ -110,7 +110,7 @@ def test_the_bootstrap_runs_the_sitecustomize_it_shadows(tmp_path) -> None:
     env = child_environment({"max_length": 256}, dict(os.environ, PYTHONPATH=os.pathsep.join([str(theirs), str(ROOT)])))
     assert env["PYTHONPATH"].split(os.pathsep)[0].endswith("_bootstrap")
     check = ("import os, sys, lsg_patch.context as c; "
-             "print(os.environ.get('THEIR_SITECUSTOMIZE'), c._PROCESS_BLOCK.max_length, 'lsg_patch' in sys.modules)")
+             "print(os.environ.get('THEIR_SITECUSTOMIZE'), c._PROCESS_BLOCK.options.max_length, 'lsg_patch' in sys.modules)")
     completed = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.split() == ["ran", "256", "True"]

@@ -270,7 +270,7 @@ def test_position_only_initialisation_without_any_token_ids(caplog):
     positions = model.embeddings.position_embeddings.weight.detach().clone()
     token_type = model.embeddings.token_type_embeddings.weight.detach()[0]
     lsg_patch.to_lsg(model, max_length=128, **SMALL)
-    assert "no tokenizer (position-only initialisation)" in caplog.text
+    assert "seeded from position vectors, token ids from no tokenizer (none given, none saved with the model)" in caplog.text
     table = model.embeddings.global_embeddings.weight.detach()
     assert torch.allclose(table[0], positions[0] + token_type) and torch.allclose(table[8], positions[1] + token_type)
 

@@ -1,10 +1,10 @@
-"""What every family shares: the adapter interface and the small steps the family hooks are made of (mask
-recovery, block padding, building the per-call state, length check)."""
+"""What every family shares: the small steps the family hooks are made of (mask recovery, block padding, building
+the per-call state, length check). The adapter interface, FamilyAdapter, lives beside ArchitectureEntry in
+lsg_patch.registry."""
 from __future__ import annotations
 
 import functools
 import inspect
-from abc import ABC, abstractmethod
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -13,24 +13,11 @@ from torch import nn
 
 from ..attention import prepare_mask
 from ..hooks import LSGHook
+from ..registry import FamilyAdapter  # the interface lives beside ArchitectureEntry; imported here for the families
 from ..seam import CALL_KEYWORD, LSGCall
 
 if TYPE_CHECKING:
     from ..config import LSGConfig
-    from ..registry import ArchitectureEntry
-
-
-class FamilyAdapter(ABC):
-    """The forward-time behaviour of one family, installed as LSGHooks on the host modules: global tokens in,
-    block padding, the per-call LSG state, trimmed outputs. The attention modules themselves stay the host's."""
-
-    @abstractmethod
-    def install_hooks(self, base_model: nn.Module, entry: "ArchitectureEntry", lsg: "LSGConfig", max_length: int) -> None:
-        """Register the hooks that prepend global tokens, pad to blocks, build the mask and trim outputs."""
-
-    def remove(self, base_model: nn.Module, entry: "ArchitectureEntry") -> None:
-        """Undo what install_hooks changed besides its LSGHooks (which `remove_lsg_hooks` finds); most families
-        change nothing else."""
 
 
 def token_mask_from(attention_mask: Any, batch: int, length: int, device: torch.device, causal: bool = False
