@@ -14,7 +14,7 @@ import wrapt
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertModel, PreTrainedModel
 
 import lsg_patch
-from tiny_models import tiny_model
+from tests.tiny_models import tiny_model
 
 CONVERT = dict(block_size=16, sparse_block_size=16, sparsity_factor=2, num_global_tokens=2, bos_token_id=1, mask_token_id=2)
 

@@ -21,8 +21,9 @@ from lsg_patch.attention import AttentionLayout, backends, lsg_attention, prepar
 from lsg_patch.attention.product import KEY_HEAD_KINDS
 from lsg_patch.attention.sparse import sparse_kind
 from tests.oracle import oracle_attention
-from tests.test_architectures import build
-from tests.test_decoders import LSG, MAX_LENGTH, oracle_hidden
+from tests.helpers import LOCAL_LSG as LSG
+from tests.helpers import MAX_LENGTH, oracle_hidden
+from tests.tiny_models import build
 
 
 GROUPS = [(2, 1), (4, 2), (4, 1), (6, 3)]  # (query heads, key heads)

@@ -18,7 +18,8 @@ from transformers.masking_utils import AttentionMaskInterface, create_bidirectio
 import lsg_patch
 from lsg_patch import seam
 from lsg_patch.registry_paths import find_modules
-from tests.test_architectures import LSG, MAX_LENGTH, batch_inputs, build, cases
+from tests.helpers import LSG, MAX_LENGTH, batch_inputs, registered_heads
+from tests.tiny_models import build
 
 ORIGINAL_CLASSES = {  # what each registry type's self-attention modules are in transformers
     "bert": "BertSelfAttention", "roberta": "RobertaSelfAttention", "camembert": "CamembertSelfAttention",
@@ -176,7 +177,7 @@ def test_model_config_changes_still_reach_converted_modules() -> None:
     assert copy.deepcopy(model).encoder.layer[0].attention.self.config._attn_implementation == "lsg"
 
 
-@pytest.mark.parametrize(("model_type", "head"), [c for c in cases() if c[1] == "Model"])
+@pytest.mark.parametrize(("model_type", "head"), [c for c in registered_heads() if c[1] == "Model"])
 def test_every_type_really_runs_lsg(model_type: str, head: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The "lsg" function is what every converted layer calls (dense attention would not pass through it)."""
     calls = []

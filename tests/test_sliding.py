@@ -22,7 +22,8 @@ from lsg_patch import seam
 from lsg_patch.attention.sliding import sliding_window_attention
 from lsg_patch.config import LSGConfig
 from lsg_patch.families.base import build_call
-from tests.test_architectures import MAX_LENGTH, batch_inputs, build
+from tests.helpers import MAX_LENGTH, batch_inputs
+from tests.tiny_models import build
 
 LSG = dict(block_size=8, sparse_block_size=8, sparsity_factor=2, sparsity_type="norm", num_global_tokens=2)
 

@@ -22,9 +22,9 @@ import lsg_patch
 from lsg_patch.attention import AttentionLayout, RelativeBias, lsg_attention, prepare_mask
 from lsg_patch.attention.backends import BACKEND_VARIABLE
 from tests.oracle import oracle_attention
-from tests.test_architectures import build
-from tests.test_attention_product import EXACT_TYPES, Case, cases
-from tests.test_decoders import lsg_key_mask
+from tests.helpers import EXACT_TYPES, Case, lsg_key_mask
+from tests.helpers import attention_cases as cases
+from tests.tiny_models import build
 
 
 def t5_bias(heads: int, num_buckets: int, max_distance: int, seed: int) -> RelativeBias:
