@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from hypothesis import strategies as st
@@ -57,6 +59,59 @@ def row_alone(inputs: dict[str, torch.Tensor], padded_length: int) -> dict[str, 
 def registered_heads() -> list[tuple[str, str]]:
     """(model_type, head) of every head class every registry entry lists."""
     return [(t, h) for t, e in lsg_patch.supported_architectures().items() for h in e.heads]
+
+
+# Encoder-decoders of BART's layout on short inputs (at most two blocks), where LSG is full attention over
+# [globals; tokens]: the unconverted model's own modules with plain attention are the oracle.
+SHORT, SHORT_PADDED = 14, 10
+MIN = torch.finfo(torch.float32).min
+
+
+def additive_mask(token_mask: torch.Tensor, globals_count: int) -> torch.Tensor:
+    """(batch, 1, 1, G + T) additive mask: globals and valid tokens 0, padding MIN."""
+    full = torch.cat([torch.ones(token_mask.shape[0], globals_count, dtype=torch.bool), token_mask.bool()], dim=1)
+    return torch.zeros(full.shape, dtype=torch.float32).masked_fill(~full, MIN)[:, None, None, :]
+
+
+def pooled_trim(hidden: torch.Tensor, globals_count: int) -> torch.Tensor:
+    """Rows of [globals; tokens] as pool_with_global returns them: global 0's row in place of token 0's."""
+    tokens = hidden[:, globals_count:]
+    return torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)
+
+
+def assert_seq2seq_matches_plain_modules(plain: torch.nn.Module, mask_first_token: bool) -> None:
+    """The LSG conversion of a BART-like `plain` (eager attention) against its own modules run densely over
+    [globals; tokens] on a short padded batch: the encoder's output, the decoder's, and the caller's mask untouched."""
+    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, mask_first_token=mask_first_token, **LSG)
+    inputs = batch_inputs(model, "Model", SHORT, SHORT_PADDED)
+    caller_mask = inputs["attention_mask"].clone()
+    g = LSG["num_global_tokens"]
+    key_mask = caller_mask.clone()
+    if mask_first_token:
+        key_mask[:, 0] = 0
+    encoder = plain.encoder
+    captured = {}
+    hook = encoder.layers[0].register_forward_pre_hook(lambda module, args: captured.update(tokens=args[0]))
+    with torch.no_grad():
+        encoder(input_ids=inputs["input_ids"])  # token rows as upstream embeds them (scale, positions, LN)
+        hook.remove()
+        table = model.get_encoder().global_embeddings.weight[:g].expand(2, -1, -1)
+        norm = getattr(encoder, "layernorm_embedding", None)
+        globals_ = norm(table) if norm is not None else table
+        hidden = torch.cat([globals_, captured["tokens"]], dim=1)
+        for layer in encoder.layers:
+            hidden = layer(hidden, additive_mask(key_mask, g))
+        if getattr(encoder, "layer_norm", None) is not None:
+            hidden = encoder.layer_norm(hidden)
+        decoded = plain.decoder(
+            input_ids=inputs["decoder_input_ids"],
+            encoder_hidden_states=hidden,
+            encoder_attention_mask=torch.cat([torch.ones(2, g, dtype=torch.long), caller_mask], dim=1),
+        ).last_hidden_state
+        out = model(**inputs)
+    assert (out.encoder_last_hidden_state - hidden).abs().max().item() < 1e-5
+    assert (out.last_hidden_state - decoded).abs().max().item() < 1e-5
+    assert torch.equal(inputs["attention_mask"], caller_mask), "the caller's attention_mask was modified"
 
 
 # The dense oracle of LSG without sparse keys (docs/LSG_SPEC.md section 6): the unconverted model itself, given
@@ -123,6 +178,34 @@ def assert_matches_oracle(plain: torch.nn.Module, causal: bool, seed: int, mask_
         expected = oracle_hidden(plain, model, ids, mask, causal, mask_first_token)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(got[1, :LOCAL_PADDED], expected[1, :LOCAL_PADDED], rtol=0, atol=1e-5)
+
+
+def t5_oracle_encoder(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+                   ) -> torch.Tensor:
+    """The plain encoder's own modules run over [globals; tokens] with a position_bias built here: the model's
+    bias between tokens, 0 on the global rows and columns, plus the LSG key mask. T5 and mT5 share layer 0's
+    bias; UMT5 computes one in every layer, unconditionally (its attention takes no position_bias), so its
+    compute_bias hands out the built one."""
+    encoder, g = plain.get_encoder(), LOCAL_LSG["num_global_tokens"]
+    globals_ = lsg_model.get_encoder().global_embeddings.weight[:g].detach()
+    hidden = torch.cat([globals_.expand(ids.shape[0], -1, -1), encoder.embed_tokens(ids)], dim=1)
+    allowed = lsg_key_mask(mask.bool(), g, LOCAL_LSG["block_size"], causal=False)
+
+    def built_bias(attention: torch.nn.Module) -> torch.Tensor:
+        bias = torch.nn.functional.pad(attention.compute_bias(ids.shape[1], ids.shape[1]), (g, 0, g, 0))
+        return bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
+
+    shared = built_bias(encoder.block[0].layer[0].SelfAttention)
+    for block in encoder.block:
+        if "position_bias" not in inspect.signature(block.layer[0].SelfAttention.forward).parameters:
+            attention = block.layer[0].SelfAttention
+            attention.compute_bias = partial(lambda bias, *args, **kwargs: bias, built_bias(attention))
+            hidden = block(hidden)
+            del attention.compute_bias
+        else:
+            hidden = block(hidden, position_bias=shared)[0]
+    return encoder.final_layer_norm(hidden)
+
 
 
 # Causal models and the LSGCache.

@@ -17,8 +17,9 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 import lsg_patch
-from tests.helpers import (DECODER_LENGTH, LENGTH, LSG, MAX_LENGTH, PADDED_ROW_LENGTH, batch_inputs, registered_heads,
-                           row_alone)
+from tests.helpers import (DECODER_LENGTH, LENGTH, LSG, MAX_LENGTH, PADDED_ROW_LENGTH, SHORT,
+                           SHORT_PADDED, additive_mask, assert_seq2seq_matches_plain_modules, batch_inputs, pooled_trim,
+                           registered_heads, row_alone)
 from tests.tiny_models import TINY_CONFIGS, build
 
 # Head classes transformers has that an entry may leave out, with the reason.
@@ -115,19 +116,6 @@ def test_decoder_only_head_is_refused_and_left_unchanged(model_type: str) -> Non
 
 # Oracles: the unpatched model's own modules with plain attention over [globals; tokens] (short inputs).
 
-SHORT, SHORT_PADDED = 14, 10  # at most 2 * block_size: LSG takes full attention
-MIN = torch.finfo(torch.float32).min
-
-
-def additive_mask(token_mask: torch.Tensor, globals_count: int) -> torch.Tensor:
-    full = torch.cat([torch.ones(token_mask.shape[0], globals_count, dtype=torch.bool), token_mask.bool()], dim=1)
-    return torch.zeros(full.shape, dtype=torch.float32).masked_fill(~full, MIN)[:, None, None, :]
-
-
-def pooled_trim(hidden: torch.Tensor, globals_count: int) -> torch.Tensor:
-    tokens = hidden[:, globals_count:]
-    return torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)
-
 
 @pytest.mark.parametrize("model_type", ["albert", "distilbert"])
 @pytest.mark.parametrize("mask_first_token", [False, True])
@@ -158,37 +146,7 @@ def test_encoder_only_family_matches_plain_modules(model_type: str, mask_first_t
 @pytest.mark.parametrize("mask_first_token", [False, True])
 def test_seq2seq_family_matches_plain_modules(model_type: str, mask_first_token: bool) -> None:
     """scale_embedding=True: the token rows are scaled by upstream's own embedding, the global rows are not."""
-    plain = build(model_type, "Model", attn_implementation="eager")
-    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, mask_first_token=mask_first_token, **LSG)
-    inputs = batch_inputs(model, "Model", SHORT, SHORT_PADDED)
-    caller_mask = inputs["attention_mask"].clone()
-    g = LSG["num_global_tokens"]
-    key_mask = caller_mask.clone()
-    if mask_first_token:
-        key_mask[:, 0] = 0
-    encoder = plain.encoder
-    captured = {}
-    hook = encoder.layers[0].register_forward_pre_hook(lambda module, args: captured.update(tokens=args[0]))
-    with torch.no_grad():
-        encoder(input_ids=inputs["input_ids"])  # token rows as upstream embeds them (scale, positions, LN)
-        hook.remove()
-        table = model.encoder.global_embeddings.weight[:g].expand(2, -1, -1)
-        norm = getattr(encoder, "layernorm_embedding", None)
-        globals_ = norm(table) if norm is not None else table
-        hidden = torch.cat([globals_, captured["tokens"]], dim=1)
-        for layer in encoder.layers:
-            hidden = layer(hidden, additive_mask(key_mask, g))
-        if getattr(encoder, "layer_norm", None) is not None:
-            hidden = encoder.layer_norm(hidden)
-        decoded = plain.decoder(
-            input_ids=inputs["decoder_input_ids"],
-            encoder_hidden_states=hidden,
-            encoder_attention_mask=torch.cat([torch.ones(2, g, dtype=torch.long), caller_mask], dim=1),
-        ).last_hidden_state
-        out = model(**inputs)
-    assert (out.encoder_last_hidden_state - hidden).abs().max().item() < 1e-5
-    assert (out.last_hidden_state - decoded).abs().max().item() < 1e-5
-    assert torch.equal(inputs["attention_mask"], caller_mask), "the caller's attention_mask was modified"
+    assert_seq2seq_matches_plain_modules(build(model_type, "Model", attn_implementation="eager"), mask_first_token)
 
 
 @pytest.mark.parametrize("model_type", ["bart", "pegasus"])

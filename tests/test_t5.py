@@ -21,9 +21,10 @@ from transformers.models.umt5.modeling_umt5 import UMT5Attention
 import lsg_patch
 from lsg_patch.attention import AttentionLayout, RelativeBias, lsg_attention, prepare_mask
 from lsg_patch.attention.backends import BACKEND_VARIABLE
-from tests.oracle import oracle_attention
-from tests.helpers import EXACT_TYPES, Case, lsg_key_mask
+from tests.helpers import EXACT_TYPES, LOCAL_LSG, Case
 from tests.helpers import attention_cases as cases
+from tests.helpers import t5_oracle_encoder as oracle_encoder
+from tests.oracle import oracle_attention
 from tests.tiny_models import build
 
 
@@ -112,34 +113,8 @@ def test_gradients_match_the_oracle(trainable: bool, case: Case, bucket_settings
 # between tokens and none for the global rows and columns (section 7c).
 
 MODEL_TYPES = ["t5", "mt5", "umt5"]
-LSG = dict(block_size=8, sparse_block_size=0, sparsity_type="none", num_global_tokens=2)
+LSG = LOCAL_LSG
 MAX_LENGTH, LENGTH, PADDED = 128, 48, 30  # 6 whole blocks, no block padding
-
-
-def oracle_encoder(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
-                   ) -> torch.Tensor:
-    """The plain encoder's own modules run over [globals; tokens] with a position_bias built here: the model's
-    bias between tokens, 0 on the global rows and columns, plus the LSG key mask. T5 and mT5 share layer 0's
-    bias; UMT5 computes one in every layer, unconditionally, so its compute_bias hands out the built one."""
-    encoder, g = plain.get_encoder(), LSG["num_global_tokens"]
-    globals_ = lsg_model.get_encoder().global_embeddings.weight[:g].detach()
-    hidden = torch.cat([globals_.expand(ids.shape[0], -1, -1), encoder.embed_tokens(ids)], dim=1)
-    allowed = lsg_key_mask(mask.bool(), g, LSG["block_size"], causal=False)
-
-    def built_bias(attention: torch.nn.Module) -> torch.Tensor:
-        bias = torch.nn.functional.pad(attention.compute_bias(ids.shape[1], ids.shape[1]), (g, 0, g, 0))
-        return bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
-
-    shared = built_bias(encoder.block[0].layer[0].SelfAttention)
-    for block in encoder.block:
-        if plain.config.model_type == "umt5":
-            attention = block.layer[0].SelfAttention
-            attention.compute_bias = partial(lambda bias, *args, **kwargs: bias, built_bias(attention))
-            hidden = block(hidden)
-            del attention.compute_bias
-        else:
-            hidden = block(hidden, position_bias=shared)[0]
-    return encoder.final_layer_norm(hidden)
 
 
 def inputs(length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
