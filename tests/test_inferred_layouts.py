@@ -15,13 +15,12 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel
 
 import lsg_patch
 from lsg_patch.inference import infer_entry
 from tests.helpers import (LOCAL_LENGTH, LOCAL_LSG, LOCAL_PADDED, LSG, MAX_LENGTH, assert_seq2seq_matches_plain_modules,
                            batch_inputs, t5_oracle_encoder)
-from tests.tiny_models import TINY_CONFIGS, build
+from tests.tiny_models import TINY_CONFIGS, build, unregistered_model
 
 DISTINCT = ("description", "heads")  # what an inferred entry says about itself
 
@@ -48,20 +47,12 @@ def test_a_registered_layout_under_an_unknown_name_is_inferred_to_the_same_entry
             assert torch.equal(got[name], value), name
 
 
-_SEQ2SEQ = dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, init_std=0.2, scale_embedding=True,
-                max_position_embeddings=64, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2)
 BART_RELATIVES = {"plbart": "BartFamily", "blenderbot": "BartFamily", "blenderbot-small": "PegasusFamily",
                   "marian": "PegasusFamily"}  # the adapter: who scales the word vectors
-_T5 = dict(vocab_size=99, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-           relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0,
-           pad_token_id=0, eos_token_id=1, num_experts=2, encoder_sparse_step=1, decoder_sparse_step=1)
 
 
 def unregistered(model_type: str, **overrides) -> torch.nn.Module:
-    config = {**(_T5 if model_type == "switch_transformers" else _SEQ2SEQ), **overrides}
-    torch.manual_seed(0)
-    model = AutoModel.from_config(AutoConfig.for_model(model_type, **config)).eval()
+    model = unregistered_model(model_type, **overrides)
     assert model_type not in lsg_patch.supported_architectures()
     return model
 

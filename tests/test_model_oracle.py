@@ -23,13 +23,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoConfig, AutoModel
 
 import lsg_patch
 from lsg_patch.attention import AttentionLayout, LSGMask, RelativeBias
 from lsg_patch.seam import interface
 from tests.oracle import oracle_attention
-from tests.tiny_models import TINY_CONFIGS, build
+from tests.tiny_models import TINY_CONFIGS, build, unregistered_model
 
 MAX_LENGTH, LENGTH, PADDED = 128, 37, 23  # 37 tokens: 5 blocks of 8 after block padding; row 1 has 23 real tokens
 TABLE_ROWS = 32  # position rows of the unconverted models: shorter than the input
@@ -69,24 +68,9 @@ def bias_by_distance(bias: RelativeBias, num_tokens: int) -> Callable[[int, int]
     return lambda head, distance: values[distance + num_tokens, head]
 
 
-# Inferred types: an unregistered model type per layout inference.py knows (built from a tiny config).
-_SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-              max_position_embeddings=TABLE_ROWS, initializer_range=0.2, pad_token_id=0)
-_SEQ2SEQ = dict(vocab_size=99, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, init_std=0.2,
-                max_position_embeddings=TABLE_ROWS, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2)
-INFERRED_CONFIGS: dict[str, dict] = {
-    "ernie": _SMALL,  # BERT-like encoder
-    "gemma": dict(_SMALL, num_key_value_heads=2, head_dim=8),  # Llama-like rotary stack
-    "olmo": _SMALL,
-    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, n_positions=TABLE_ROWS, vocab_size=99, initializer_range=0.2,
-                        multi_query=True, pad_token_id=0, bos_token_id=1, eos_token_id=2),  # GPT-2-like, one key head
-}
-
-
-def inferred_model(model_type: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return AutoModel.from_config(AutoConfig.for_model(model_type, **INFERRED_CONFIGS[model_type])).eval()
+# Inferred types: unregistered model types of every layout inference.py knows that transformers has (a registered
+# type renamed gives the same entry and outputs as the registered one: tests/test_inferred_layouts.py).
+INFERRED = ["ernie", "gemma", "olmo", "gpt_bigcode", "plbart", "marian", "switch_transformers"]
 
 
 def registered_model(model_type: str) -> torch.nn.Module:
@@ -100,7 +84,7 @@ def registered_model(model_type: str) -> torch.nn.Module:
 
 MODELS: dict[str, Callable[[], torch.nn.Module]] = {
     **{t: (lambda t=t: registered_model(t)) for t in (*TINY_CONFIGS, "bert-decoder")},
-    **{t: (lambda t=t: inferred_model(t)) for t in INFERRED_CONFIGS},
+    **{t: (lambda t=t: unregistered_model(t, max_position_embeddings=TABLE_ROWS)) for t in INFERRED},
 }
 
 
@@ -153,9 +137,9 @@ def converted(model_type: str, dtype: torch.dtype = torch.float64, **lsg) -> tor
 def test_every_registered_and_inferred_layout_is_covered() -> None:
     registered = set(lsg_patch.supported_architectures())
     assert registered <= set(MODELS), f"registered types without an oracle case: {registered - set(MODELS)}"
-    for model_type in INFERRED_CONFIGS:
+    for model_type in INFERRED:
         assert model_type not in registered
-        assert lsg_patch.architecture_support(inferred_model(model_type)).startswith("inferred")
+        assert lsg_patch.architecture_support(MODELS[model_type]()).startswith("inferred")
 
 
 def grid() -> list[tuple[str, str]]:

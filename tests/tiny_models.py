@@ -45,6 +45,24 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 BERT_FAMILY = ("bert", "roberta", "camembert", "xlm-roberta", "electra")
 
+# Unregistered transformers types that share a registered layout (converted through an inferred entry).
+_UNREGISTERED_SEQ2SEQ = dict(_SEQ2SEQ, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2)
+UNREGISTERED_CONFIGS: dict[str, dict] = {
+    "ernie": dict(_BERT_LIKE, pad_token_id=0),  # BERT-like encoder
+    "gemma": dict(_DECODER, head_dim=8),  # Llama-like rotary stacks
+    "olmo": dict(_BERT_LIKE, pad_token_id=0),
+    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, initializer_range=0.2, multi_query=True, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2),  # GPT-2-like stack, one key head
+    "plbart": _UNREGISTERED_SEQ2SEQ,  # BART-like: the word embedding scales itself, learned table after 2 rows
+    "blenderbot": _UNREGISTERED_SEQ2SEQ,  # the same, no offset rows
+    "blenderbot-small": _UNREGISTERED_SEQ2SEQ,  # the encoder scales the words (Pegasus-like), learned table
+    "marian": _UNREGISTERED_SEQ2SEQ,  # the encoder scales the words, sinusoidal table
+    "mvp": _UNREGISTERED_SEQ2SEQ,  # BART's paths, but an attention outside the AttentionInterface
+    "m2m_100": _UNREGISTERED_SEQ2SEQ,  # BART's paths, but positions computed by a module without a table
+    "switch_transformers": dict(_T5, pad_token_id=0, eos_token_id=1, num_experts=2, encoder_sparse_step=1,
+                                decoder_sparse_step=1),  # T5-like, mixture-of-experts feed-forward
+}
+
 
 def tiny_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
     """The tiny config of a registered model type (TINY_CONFIGS), with overrides."""
@@ -63,6 +81,13 @@ def build(model_type: str, head: str, **overrides) -> torch.nn.Module:
     config = tiny_config(model_type, is_decoder=causal, **overrides)
     torch.manual_seed(0)
     return head_class(model_type, head)(config).eval()
+
+
+def unregistered_model(model_type: str, **overrides) -> torch.nn.Module:
+    """A seeded eval-mode AutoModel of an unregistered type (UNREGISTERED_CONFIGS), with overrides."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**_COMMON, **UNREGISTERED_CONFIGS[model_type], **overrides})
+    return AutoModel.from_config(config).eval()
 
 
 def tiny_model(model_type: str = "bert", model_class: type = AutoModel, seed: int = 0, **overrides) -> torch.nn.Module:
