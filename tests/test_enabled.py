@@ -286,7 +286,7 @@ def test_block_options_are_checked_alone_then_merged_with_from_pretrained_option
 def test_a_tokenizer_given_to_the_block_is_raised_to_max_length(plain_dir) -> None:
     from transformers import AutoTokenizer
 
-    from lsg_patch.demo import minilm_path
+    from tests.helpers import minilm_folder as minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     with lsg_patch.enabled(max_length=1024, tokenizer=tokenizer, bos_token_id=1, mask_token_id=2):

@@ -25,9 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lsg_patch
-from lsg_patch.attention import AttentionLayout, LSGMask, RelativeBias
 from lsg_patch.seam import interface
-from tests.oracle import oracle_attention
+from tests.helpers import definition_attention
 from tests.tiny_models import TINY_CONFIGS, build, unregistered_model
 
 MAX_LENGTH, LENGTH, PADDED = 128, 37, 23  # 37 tokens: 5 blocks of 8 after block padding; row 1 has 23 real tokens
@@ -42,30 +41,6 @@ SPARSITY = {
     "block_stride": dict(sparsity_type="block_stride", sparsity_factor=4, sparse_block_size=5),
     "bos_pooling": dict(sparsity_type="bos_pooling", sparsity_factor=8, sparse_block_size=3),  # step 1: odd
 }
-
-
-def definition_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: LSGMask,
-                         layout: AttentionLayout, *, dropout_p: float = 0.0, causal: bool = False,
-                         scale: float | None = None, lsh_seed: int = 0, bias: RelativeBias | None = None
-                         ) -> torch.Tensor:
-    """`lsg_attention`'s contract, computed by the dense float64 oracle from the token mask alone.
-
-    Grouped-query keys are repeated to the query heads (query head h reads key head h // (heads / kv_heads)); a
-    RelativeBias is read as the definition says, table[bucket(key position - query position), head].
-    """
-    assert dropout_p == 0, "the oracle runs inference only"
-    repeats = query.shape[1] // key.shape[1]
-    key, value = (x.repeat_interleave(repeats, dim=1) for x in (key, value))
-    expected = oracle_attention(query, key, value, mask.tokens, layout, causal=causal, scale=scale,
-                                lsh_seed=lsh_seed, bias=None if bias is None else bias_by_distance(bias, mask.num_tokens))
-    return expected.to(query.dtype)
-
-
-def bias_by_distance(bias: RelativeBias, num_tokens: int) -> Callable[[int, int], torch.Tensor]:
-    """The oracle's bias(head, distance), from the model's own table and bucket function."""
-    distances = torch.arange(-num_tokens, num_tokens + 1)
-    values = bias.table.detach().double()[bias.bucket(distances)]  # (2T + 1, heads)
-    return lambda head, distance: values[distance + num_tokens, head]
 
 
 # Inferred types: unregistered model types of every layout inference.py knows that transformers has (a registered

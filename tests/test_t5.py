@@ -190,14 +190,21 @@ def test_dense_position_bias_is_refused() -> None:
 
 
 def test_generate_on_4096_tokens() -> None:
+    """The long-input case of the T5 family: a row padded after 3000 of 4096 tokens generates and encodes what
+    the row alone does."""
     model = lsg_patch.to_lsg(build("t5", "ForConditionalGeneration"), max_length=4096, block_size=128,
                              sparsity_type="norm", num_global_tokens=4)
-    ids = torch.randint(5, 99, (1, 4096), generator=torch.Generator().manual_seed(6))
-    out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 5)
+    ids = torch.randint(5, 99, (2, 4096), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, 3000:] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    alone = model.generate(ids[1:, :3000], max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 5) and torch.equal(out[1], alone[0])
     with torch.no_grad():
-        encoded = model.get_encoder()(input_ids=ids).last_hidden_state
-    assert encoded.shape[1] == 4 + 4096 and torch.isfinite(encoded).all()
+        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        encoded_alone = model.get_encoder()(input_ids=ids[1:, :3000]).last_hidden_state
+    assert encoded.shape[1] == 4 + 4096
+    torch.testing.assert_close(encoded[1, : 4 + 3000], encoded_alone[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
