@@ -60,7 +60,7 @@ def assert_same_with_gradients(got: torch.Tensor, expected: torch.Tensor, leaves
                                atol: float) -> None:
     """Outputs, and the gradients of the leaves for one random upstream gradient, equal to atol."""
     torch.testing.assert_close(got, expected, rtol=0, atol=atol)
-    upstream = torch.randn_like(got)
+    upstream = torch.randn(got.shape, dtype=got.dtype, generator=torch.Generator().manual_seed(0))
     for grad, expected_grad in zip(torch.autograd.grad(got, leaves, upstream),
                                    torch.autograd.grad(expected, leaves, upstream)):
         torch.testing.assert_close(grad, expected_grad, rtol=0, atol=atol)
@@ -137,7 +137,8 @@ def test_keys_are_shared_where_the_side_keys_allow_it_and_the_blocked_kernel_run
     layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_factor=2,
                              sparsity_type=kind)
     repeats = repeat_calls(monkeypatch)
-    query, key, value = (torch.randn(1, heads, 33, 8) for heads in (4, 2, 2))
+    query, key, value = (torch.randn(1, heads, 33, 8, generator=torch.Generator().manual_seed(seed))
+                          for seed, heads in enumerate((4, 2, 2)))
     lsg_attention(query, key, value, prepare_mask(torch.ones(1, 32, dtype=torch.bool), layout), layout,
                   dropout_p=dropout)
     shared = sparse_kind(layout) in KEY_HEAD_KINDS and (backend == "auto" or dropout > 0)
@@ -151,7 +152,8 @@ def test_full_path_shares_keys_without_dropout(backend: str, dropout: float, mon
     monkeypatch.setenv(backends.BACKEND_VARIABLE, backend)
     layout = AttentionLayout(num_global_tokens=1, block_size=8, sparse_block_size=8, sparsity_type="lsh")
     repeats = repeat_calls(monkeypatch)
-    query, key, value = (torch.randn(1, heads, 17, 8) for heads in (4, 2, 2))
+    query, key, value = (torch.randn(1, heads, 17, 8, generator=torch.Generator().manual_seed(seed))
+                          for seed, heads in enumerate((4, 2, 2)))
     lsg_attention(query, key, value, prepare_mask(torch.ones(1, 16, dtype=torch.bool), layout), layout,
                   dropout_p=dropout)
     assert bool(repeats) == (dropout > 0)

@@ -163,7 +163,8 @@ def test_a_bert_decoder_with_cross_attention_refuses_a_cache_and_runs_without() 
     """Its cache would hold the encoder's keys too (EncoderDecoderCache); LSGCache covers self-attention only
     (the cache itself is tested in test_cache.py)."""
     model = lsg_patch.to_lsg(build("bert", "LMHeadModel", add_cross_attention=True), max_length=MAX_LENGTH, **LSG)
-    ids, states = torch.randint(5, 99, (1, 40)), torch.randn(1, 9, 32)
+    generator = torch.Generator().manual_seed(0)
+    ids, states = torch.randint(5, 99, (1, 40), generator=generator), torch.randn(1, 9, 32, generator=generator)
     with pytest.raises(ValueError, match="cross-attention.*use_cache=False"):
         model(ids, encoder_hidden_states=states, use_cache=True)
     assert model(ids, encoder_hidden_states=states, use_cache=False).logits.shape == (1, 40, 99)

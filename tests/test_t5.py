@@ -80,7 +80,8 @@ def test_side_bias_is_one_value_per_head_and_direction_when_the_buckets_allow(
         tuple(distance.shape)) or RelativeBias.by_distance(self, *args)[distance.clamp(-args[0], args[0]) + args[0]]
         .movedim(-1, 0))
     tokens = 4 * block_size
-    query, key, value = torch.randn(3, 1, 3, 2 + tokens, 8, dtype=torch.float64)
+    query, key, value = torch.randn(3, 1, 3, 2 + tokens, 8, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(block_size))
     lsg_attention(query, key, value, prepare_mask(torch.ones(1, tokens, dtype=torch.bool), layout), layout,
                   bias=bias, causal=causal)
     side_shapes = [shape for shape in built if len(shape) == 4]  # (1, B, bs, Ks): the per-key side bias
