@@ -21,6 +21,7 @@ import lsg_patch
 from lsg_patch import LSGCache
 from tests.helpers import CAUSAL_HEADS, cache_of, converted, greedy, ids_of, padded_batch
 from tests.helpers import plain_decoder as plain
+from tests.tiny_models import build
 
 SPARSITY_TYPES = ["norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none"]
 
