@@ -12,6 +12,9 @@ cost grows with them); evaluation reads the whole held-out documents (up to 3.6k
 
     python examples/finetune_long.py              # 48 steps: about 15 minutes on 2 shared CPU cores
     python examples/finetune_long.py --quick      # random tiny model, a few steps: checks the pipeline
+
+The report goes to benchmarks/quality/results/finetune (committed); with --quick to benchmarks/out/finetune-quick
+(ignored by git), so a check never overwrites the committed results. --out chooses another folder.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from benchmarks.quality.report import Scored, differences, machine, summary  # n
 from benchmarks.quality.run import (OUT, chunk_methods, held_out_documents,  # noqa: E402
                                     whole_document_method, write_report)
 
+QUICK_OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "out" / "finetune-quick"  # git ignores benchmarks/out
 SCALE = 20.0
 QUERY_TOKENS = 64
 
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sparsity-type", default="norm")
     parser.add_argument("--lr-global", type=float, default=1e-2, help="learning rate of the global tokens")
     parser.add_argument("--lr", type=float, default=3e-5, help="learning rate when training all weights")
-    parser.add_argument("--out", type=Path, default=OUT / "finetune")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"report folder (default {OUT / 'finetune'}; with --quick {QUICK_OUT})")
     args = parser.parse_args(argv)
     if args.quick:
         args.train_docs, args.eval_docs, args.steps, args.batch_size, args.crop = 8, 6, 2, 4, 600
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
               + ", ".join(f"{k} {v['seconds']:.0f}" for k, v in training.items())
               + f". Command: `{command}`. Machine: {machine()}. Total {time.perf_counter() - start:.0f} s.")
     report = {"header": header, "training": training, "summary": summary_, "differences": rows}
-    write_report(args.out, report, "Held-out quality after fine-tuning, by evidence depth")
+    write_report(args.out or (QUICK_OUT if args.quick else OUT / "finetune"), report, "Held-out quality after fine-tuning, by evidence depth")
     return report
 
 

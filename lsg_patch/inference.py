@@ -1,8 +1,9 @@
 """Entries for model types the registry does not name, inferred from the modules a loaded model contains.
 
 Many transformers models copy a registered layout module for module (ERNIE is BERT's; Gemma, OLMo, Phi-3 are
-Llama's). A layout is recognised from the module paths it needs, and from the attention modules: they must be
-transformers' own classes (remote-code models report model types such as "bert" while running their own
+Llama's; PLBart, Blenderbot and Marian are BART's or Pegasus'; Switch Transformers and Pop2Piano are T5's). A
+layout is recognised from the module paths it needs, and from the attention modules: they must be transformers' own
+classes (remote-code models report model types such as "bert" while running their own
 attention, ALiBi for instance) and must look their implementation up in the AttentionInterface. The first
 layout that fits gives the entry; when none does, the error names what was looked for and how to register().
 
@@ -12,6 +13,7 @@ model (every path it names exists, its attention modules can run LSG), the same 
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, replace
 
@@ -20,6 +22,8 @@ from torch import nn
 
 from .registry import CANNOT_SUPPORT, supported_architectures
 from .registry import GPT2_LIKE, ROTARY_DECODER, ROTARY_ENCODER, ArchitectureEntry, bert_like_entry
+from .registry import ALBERT_LIKE, DISTILBERT_LIKE, MODERNBERT_LIKE, T5_LIKE, bart_like_entry
+from .positions import sinusoidal_table
 from .registry_paths import find_modules, get_submodule
 from .seam import routes_through_interface
 
@@ -28,24 +32,72 @@ logger = logging.getLogger("lsg_patch")
 
 @dataclass(frozen=True)
 class Layout:
-    """A recognisable module layout: its name, the paths it needs beyond the entry's own, and its entry."""
+    """A recognisable module layout: its name, the paths it needs beyond the entry's own, and its entry; unfit says
+    why a model that has those paths still cannot take the entry (None: it can)."""
 
     name: str
     entry: ArchitectureEntry
     also_needs: tuple[str, ...] = ()
+    unfit: str | None = None
 
 
 def _layouts(base: nn.Module) -> list[Layout]:
     offset = _padding_offset(base, "embeddings.position_embeddings")
-    token_types = _has(base, "embeddings.token_type_embeddings")
+    # RoBERTa-likes (padding rows before the positions) seed their global tokens without token types, as the
+    # registry's RoBERTa entries do
+    token_types = _has(base, "embeddings.token_type_embeddings") and offset == 0
     return [
         Layout("Llama-like rotary stack (embed_tokens, layers.*.self_attn, rotary_emb)", ROTARY_DECODER, ("rotary_emb",)),
         Layout("GTE-like rotary encoder (embeddings.word_embeddings, layers.*.self_attn, rotary_emb)", ROTARY_ENCODER,
                ("rotary_emb",)),
         Layout("BERT-like encoder (embeddings.position_embeddings, encoder.layer.*.attention.self)",
                bert_like_entry(offset, token_types)),
+        Layout("ModernBERT-like rotary encoder (embeddings.tok_embeddings, layers.*.attn, rotary_emb)", MODERNBERT_LIKE,
+               ("rotary_emb",)),
+        Layout("ALBERT-like encoder (embeddings, encoder.albert_layer_groups.*.albert_layers.*.attention)", ALBERT_LIKE),
+        Layout("DistilBERT-like encoder (embeddings, transformer.layer.*.attention)", DISTILBERT_LIKE),
         Layout("GPT-2-like stack (wte, wpe, h.*.attn)", GPT2_LIKE),
+        _bart_layout(base),
+        Layout("T5-like encoder-decoder (encoder.embed_tokens, encoder.block.*.layer.0.SelfAttention, a relative "
+               "position bias)", _t5_entry(base), ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",)),
     ]  # fmt: skip
+
+
+def _bart_layout(base: nn.Module) -> Layout:
+    """BART's paths, with what differs between its relatives read from the modules: a word embedding that scales
+    itself (BART, PLBart, Blenderbot) or an encoder that scales it (Pegasus, Marian, BlenderbotSmall); a table that
+    holds the sinusoidal values `positions.sinusoidal_table` regenerates (Pegasus, Marian) or a learned one, tiled
+    after its `offset` rows (BART's 2)."""
+    encoder = _module(base, "encoder")
+    tokens, positions = _module(base, "encoder.embed_tokens"), _module(base, "encoder.embed_positions")
+    scales_itself = hasattr(tokens, "embed_scale")
+    unfit = None
+    if positions is not None and not isinstance(positions, nn.Embedding):
+        unfit = f"its encoder.embed_positions ({type(positions).__name__}) is not a position table (an nn.Embedding)"
+    elif tokens is not None and not scales_itself and not isinstance(getattr(encoder, "embed_scale", None), (int, float)):
+        unfit = "neither encoder.embed_tokens nor the encoder has an embed_scale, so the token scaling is unknown"
+    sinusoidal = isinstance(positions, nn.Embedding) and _holds_sinusoids(positions.weight)
+    offset = getattr(positions, "offset", 0)
+    adapter = "lsg_patch.families.bart:" + ("BartFamily" if scales_itself else "PegasusFamily")
+    entry = bart_like_entry(adapter, offset if isinstance(offset, int) else 0, sinusoidal, (), "")
+    return Layout("BART-like encoder-decoder (shared, encoder.embed_positions, encoder.layers.*.self_attn)", entry,
+                  ("encoder.embed_tokens",), unfit)
+
+
+def _t5_entry(base: nn.Module) -> ArchitectureEntry:
+    """T5's entry; UMT5's adapter when the self-attention takes no position_bias (every layer computes its own)."""
+    attentions = find_modules(base, T5_LIKE.self_attention)
+    if attentions and "position_bias" not in inspect.signature(attentions[0][2].forward).parameters:
+        return replace(T5_LIKE, adapter="lsg_patch.families.t5:UMT5Family")
+    return T5_LIKE
+
+
+def _holds_sinusoids(weight: torch.Tensor) -> bool:
+    """Whether a position table holds the Marian/Pegasus sinusoids (sin in the first half of the features)."""
+    if weight.is_meta:
+        return False
+    expected = sinusoidal_table(weight.shape[0], weight.shape[1])
+    return torch.allclose(weight.detach().float().cpu(), expected, atol=1e-4)
 
 
 def infer_entry(model: nn.Module, model_type: str) -> ArchitectureEntry:
@@ -57,6 +109,9 @@ def infer_entry(model: nn.Module, model_type: str) -> ArchitectureEntry:
         missing = [path for path in needed if path and not _present(base, path)]
         if missing:
             misses.append(f"{layout.name}: no {', '.join(repr(p) for p in missing)}")
+            continue
+        if layout.unfit:
+            misses.append(f"{layout.name}: {layout.unfit}")
             continue
         foreign = _foreign_attention(base, layout.entry)
         if foreign:
@@ -90,11 +145,14 @@ def _present(base: nn.Module, path: str) -> bool:
 
 
 def _has(base: nn.Module, path: str) -> bool:
+    return _module(base, path) is not None
+
+
+def _module(base: nn.Module, path: str) -> nn.Module | None:
     try:
-        get_submodule(base, path)
+        return get_submodule(base, path)
     except AttributeError:
-        return False
-    return True
+        return None
 
 
 def _padding_offset(base: nn.Module, path: str) -> int:

@@ -133,9 +133,10 @@ def bert_like_entry(offset: int, token_types: bool, description: str = "", heads
 _SEQ2SEQ_HEADS = ("Model", "ForConditionalGeneration", "ForSequenceClassification", "ForQuestionAnswering")
 
 
-def _bart_like(
+def bart_like_entry(
     adapter: str, offset: int, sinusoidal: bool, heads: tuple[str, ...], description: str
 ) -> ArchitectureEntry:
+    """BART's layout: `shared` words, `encoder.layers.*.self_attn`, encoder and decoder position tables."""
     return ArchitectureEntry(
         adapter=adapter,
         self_attention="encoder.layers.*.self_attn",
@@ -156,7 +157,7 @@ def _bart_like(
 _ROBERTA_LIKE = bert_like_entry(
     2, False, "encoder self-attention; learned positions tiled after the 2 offset rows", _ROBERTA_HEADS
 )
-_BART_LIKE = _bart_like(
+_BART_LIKE = bart_like_entry(
     "lsg_patch.families.bart:BartFamily", 2, False, _SEQ2SEQ_HEADS,
     "encoder self-attention only (decoder self- and cross-attention unchanged); encoder and decoder learned "
     "positions tiled after the 2 offset rows; global tokens passed to the decoder's cross-attention "
@@ -206,7 +207,7 @@ GPT2_LIKE = ArchitectureEntry(
     "without position",
     heads=("Model", "LMHeadModel", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering"),
 )
-_T5_LIKE = ArchitectureEntry(
+T5_LIKE = ArchitectureEntry(
     adapter="lsg_patch.families.t5:T5Family",
     self_attention="encoder.block.*.layer.0.SelfAttention",
     position_embeddings=None,
@@ -221,6 +222,42 @@ _T5_LIKE = ArchitectureEntry(
     heads=("Model", "ForConditionalGeneration", "EncoderModel", "ForSequenceClassification", "ForTokenClassification",
            "ForQuestionAnswering"),
 )
+# ALBERT's layout: one attention module per layer group, globals and block padding at embedding_size.
+ALBERT_LIKE = ArchitectureEntry(
+    adapter="lsg_patch.families.albert:AlbertFamily",
+    self_attention="encoder.albert_layer_groups.*.albert_layers.*.attention",
+    position_embeddings="embeddings.position_embeddings",
+    word_embeddings="embeddings.word_embeddings",
+    token_type_embeddings="embeddings.token_type_embeddings",
+    description="shared attention (the one module of each layer group runs LSG for all its layers); learned "
+    "positions tiled; globals and block padding at embedding_size, before embedding_hidden_mapping_in",
+    heads=(
+        "Model", "ForPreTraining", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
+        "ForQuestionAnswering", "ForMultipleChoice",
+    ),
+)
+# DistilBERT's layout: self-attention under `transformer`.
+DISTILBERT_LIKE = ArchitectureEntry(
+    adapter="lsg_patch.families.bert:BertFamily",  # same hooks, on `transformer`
+    self_attention="transformer.layer.*.attention",
+    position_embeddings="embeddings.position_embeddings",
+    word_embeddings="embeddings.word_embeddings",
+    encoder="transformer",
+    description="`transformer` self-attention; learned positions tiled",
+    heads=(
+        "Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+        "ForMultipleChoice",
+    ),
+)
+# ModernBERT's layout: a rotary encoder whose sliding-window layers keep their own window.
+MODERNBERT_LIKE = replace(
+    ROTARY_ENCODER, self_attention="layers.*.attn", word_embeddings="embeddings.tok_embeddings",
+    keep_sliding_window_layers=True,
+    heads=(*_ENCODER_HEADS, "ForQuestionAnswering", "ForMultipleChoice"),
+    description=_ROTARY_ENCODER_NOTE + "; LSG in the global-attention layers, the sliding-window layers keep "
+    "their own window (over [globals; tokens], padding masked), computed banded in linear memory, never as a "
+    "dense (n, n) mask",
+)  # fmt: skip
 _REGISTRY: dict[str, ArchitectureEntry] = {
     "bert": bert_like_entry(0, True, "encoder self-attention (LMHeadModel, is_decoder=True: causal, with the LSGCache); "
                        "learned positions tiled", _BERT_CLASS_HEADS),
@@ -229,34 +266,11 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
     "xlm-roberta": _ROBERTA_LIKE,
     "electra": bert_like_entry(0, True, "encoder self-attention; learned positions tiled; global tokens at embedding_size, "
                           "before embeddings_project"),
-    "albert": ArchitectureEntry(
-        adapter="lsg_patch.families.albert:AlbertFamily",
-        self_attention="encoder.albert_layer_groups.*.albert_layers.*.attention",
-        position_embeddings="embeddings.position_embeddings",
-        word_embeddings="embeddings.word_embeddings",
-        token_type_embeddings="embeddings.token_type_embeddings",
-        description="shared attention (the one module of each layer group runs LSG for all its layers); learned "
-        "positions tiled; globals and block padding at embedding_size, before embedding_hidden_mapping_in",
-        heads=(
-            "Model", "ForPreTraining", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
-            "ForQuestionAnswering", "ForMultipleChoice",
-        ),
-    ),
-    "distilbert": ArchitectureEntry(
-        adapter="lsg_patch.families.bert:BertFamily",  # same hooks, on `transformer`
-        self_attention="transformer.layer.*.attention",
-        position_embeddings="embeddings.position_embeddings",
-        word_embeddings="embeddings.word_embeddings",
-        encoder="transformer",
-        description="`transformer` self-attention; learned positions tiled",
-        heads=(
-            "Model", "ForMaskedLM", "ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
-            "ForMultipleChoice",
-        ),
-    ),
+    "albert": ALBERT_LIKE,
+    "distilbert": DISTILBERT_LIKE,
     "bart": _BART_LIKE,
     "mbart": _BART_LIKE,
-    "pegasus": _bart_like(
+    "pegasus": bart_like_entry(
         "lsg_patch.families.bart:PegasusFamily", 0, True, _SEQ2SEQ_HEADS[:2],
         "encoder self-attention only; encoder and decoder sinusoidal tables regenerated; global tokens passed to "
         "the decoder",
@@ -270,17 +284,10 @@ _REGISTRY: dict[str, ArchitectureEntry] = {
     "nomic_bert": ROTARY_ENCODER,
     "jina_embeddings_v3": replace(ROTARY_ENCODER, heads=(*_ENCODER_HEADS, "ForQuestionAnswering")),
     "eurobert": replace(ROTARY_DECODER, description=_ROTARY_ENCODER_NOTE, heads=_ENCODER_HEADS),
-    "modernbert": replace(
-        ROTARY_ENCODER, self_attention="layers.*.attn", word_embeddings="embeddings.tok_embeddings",
-        keep_sliding_window_layers=True,
-        heads=(*_ENCODER_HEADS, "ForQuestionAnswering", "ForMultipleChoice"),
-        description=_ROTARY_ENCODER_NOTE + "; LSG in the global-attention layers, the sliding-window layers keep "
-        "their own window (over [globals; tokens], padding masked), computed banded in linear memory, never as a "
-        "dense (n, n) mask",
-    ),  # fmt: skip
-    "t5": _T5_LIKE,
-    "mt5": _T5_LIKE,
-    "umt5": replace(_T5_LIKE, adapter="lsg_patch.families.t5:UMT5Family", description=_T5_LIKE.description.replace(
+    "modernbert": MODERNBERT_LIKE,
+    "t5": T5_LIKE,
+    "mt5": T5_LIKE,
+    "umt5": replace(T5_LIKE, adapter="lsg_patch.families.t5:UMT5Family", description=T5_LIKE.description.replace(
         "the relative position bias", "every layer's relative position bias")),
 }
 

@@ -14,99 +14,16 @@ import copy
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 import lsg_patch
+from tests.helpers import (DECODER_LENGTH, LENGTH, LSG, MAX_LENGTH, PADDED_ROW_LENGTH, SHORT,
+                           SHORT_PADDED, additive_mask, assert_seq2seq_matches_plain_modules, batch_inputs, pooled_trim,
+                           registered_heads, row_alone)
+from tests.tiny_models import TINY_CONFIGS, build
 
-_COMMON = dict(vocab_size=99, max_position_embeddings=64)
-_BERT_LIKE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, initializer_range=0.2)
-_SEQ2SEQ = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                encoder_ffn_dim=64, decoder_ffn_dim=64, init_std=0.2, scale_embedding=True)  # fmt: skip
-_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-           relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0)
-_DECODER = dict(_BERT_LIKE, num_key_value_heads=2, pad_token_id=0)  # grouped-query: 2 key heads for 4 query heads
-TINY_CONFIGS: dict[str, dict] = {
-    "bert": _BERT_LIKE,
-    "roberta": dict(_BERT_LIKE, pad_token_id=1, max_position_embeddings=66),
-    "camembert": dict(_BERT_LIKE, pad_token_id=1, max_position_embeddings=66),
-    "xlm-roberta": dict(_BERT_LIKE, pad_token_id=1, max_position_embeddings=66),
-    "electra": dict(_BERT_LIKE, embedding_size=16),
-    "albert": dict(_BERT_LIKE, embedding_size=16),
-    "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, initializer_range=0.2),
-    "bart": _SEQ2SEQ,
-    "mbart": _SEQ2SEQ,
-    "pegasus": _SEQ2SEQ,
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    "llama": _DECODER,
-    "mistral": dict(_DECODER, sliding_window=None),
-    "qwen2": _DECODER,
-    "qwen3": dict(_DECODER, head_dim=8),
-    "gte": dict(_BERT_LIKE, pad_token_id=0),
-    "nomic_bert": dict(_BERT_LIKE, pad_token_id=0),
-    "jina_embeddings_v3": dict(_BERT_LIKE, pad_token_id=0),
-    "eurobert": dict(_DECODER, bos_token_id=1, eos_token_id=2, mask_token_id=3),
-    "modernbert": dict(_BERT_LIKE, num_hidden_layers=3, global_attn_every_n_layers=3, local_attention=16, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2, cls_token_id=1, sep_token_id=2),
-    "t5": _T5,
-    "mt5": _T5,
-    "umt5": _T5,
-}
 # Head classes transformers has that an entry may leave out, with the reason.
 NOT_PATCHABLE = {"ForCausalLM": "decoder-only head of an encoder-decoder family: it has no encoder to patch"}
-
-LSG = dict(block_size=8, sparse_block_size=8, sparsity_factor=2, sparsity_type="norm", num_global_tokens=2)
-MAX_LENGTH = 128
-LENGTH, PADDED_ROW_LENGTH, DECODER_LENGTH = 75, 53, 7  # both > 2 * 8 and not multiples of 8
-
-
-def tiny_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
-    return AutoConfig.for_model(model_type, **{**_COMMON, **TINY_CONFIGS[model_type], **overrides})
-
-
-def head_class(model_type: str, head: str) -> type:
-    prefix = MODEL_MAPPING_NAMES[model_type][: -len("Model")]
-    return getattr(transformers, prefix + head)
-
-
-def build(model_type: str, head: str, **overrides) -> torch.nn.Module:
-    causal = head in ("ForCausalLM", "LMHeadModel")
-    config = tiny_config(model_type, is_decoder=causal, **overrides)
-    torch.manual_seed(0)
-    return head_class(model_type, head)(config).eval()
-
-
-def batch_inputs(model: torch.nn.Module, head: str, length: int = LENGTH, padded_length: int = PADDED_ROW_LENGTH
-                 ) -> dict[str, torch.Tensor]:
-    """A batch of 2: row 0 full, row 1 padded after `padded_length` tokens. Seq2seq rows end with one EOS."""
-    config = model.config
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, config.vocab_size, (2, length), generator=generator)
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[1, padded_length:] = 0
-    ids[1, padded_length:] = pad
-    inputs = {}
-    if config.is_encoder_decoder:
-        ids[0, length - 1] = ids[1, padded_length - 1] = config.eos_token_id
-    if config.is_encoder_decoder and head in ("Model", "ForConditionalGeneration"):  # others decode shifted input_ids
-        inputs["decoder_input_ids"] = torch.randint(5, config.vocab_size, (2, DECODER_LENGTH), generator=generator)
-    if head == "ForMultipleChoice":
-        ids, mask = ids[:, None].repeat(1, 2, 1), mask[:, None].repeat(1, 2, 1)
-    return {"input_ids": ids, "attention_mask": mask, **inputs}
-
-
-def row_alone(inputs: dict[str, torch.Tensor], padded_length: int) -> dict[str, torch.Tensor]:
-    """Row 1 of the batch on its own, without its padding."""
-    alone = {}
-    for name, tensor in inputs.items():
-        row = tensor[1:2]
-        alone[name] = row if name.startswith("decoder") else row[..., :padded_length]
-    return alone
-
-
-def cases() -> list[tuple[str, str]]:
-    return [(t, h) for t, e in lsg_patch.supported_architectures().items() for h in e.heads]
 
 
 def global_key(model: torch.nn.Module, entry: lsg_patch.ArchitectureEntry) -> str:
@@ -115,7 +32,7 @@ def global_key(model: torch.nn.Module, entry: lsg_patch.ArchitectureEntry) -> st
     return f"{prefix}{parent}global_embeddings.weight"
 
 
-@pytest.mark.parametrize(("model_type", "head"), cases())
+@pytest.mark.parametrize(("model_type", "head"), registered_heads())
 def test_head_runs_long_padded_batch_with_unchanged_keys(model_type: str, head: str, tmp_path) -> None:  # noqa: ANN001
     """... and comes back bit-exact from save_pretrained under enabled()."""
     model = build(model_type, head)
@@ -172,7 +89,7 @@ def test_encoder_rows_per_family(model_type: str) -> None:
 def test_every_registry_entry_has_a_tiny_config_and_is_exercised() -> None:
     registered = set(lsg_patch.supported_architectures())
     assert registered == set(TINY_CONFIGS), f"entries without a tiny test config: {registered - set(TINY_CONFIGS)}"
-    assert {t for t, _ in cases()} == registered
+    assert {t for t, _ in registered_heads()} == registered
 
 
 @pytest.mark.parametrize("model_type", sorted(lsg_patch.supported_architectures()))
@@ -198,19 +115,6 @@ def test_decoder_only_head_is_refused_and_left_unchanged(model_type: str) -> Non
 
 
 # Oracles: the unpatched model's own modules with plain attention over [globals; tokens] (short inputs).
-
-SHORT, SHORT_PADDED = 14, 10  # at most 2 * block_size: LSG takes full attention
-MIN = torch.finfo(torch.float32).min
-
-
-def additive_mask(token_mask: torch.Tensor, globals_count: int) -> torch.Tensor:
-    full = torch.cat([torch.ones(token_mask.shape[0], globals_count, dtype=torch.bool), token_mask.bool()], dim=1)
-    return torch.zeros(full.shape, dtype=torch.float32).masked_fill(~full, MIN)[:, None, None, :]
-
-
-def pooled_trim(hidden: torch.Tensor, globals_count: int) -> torch.Tensor:
-    tokens = hidden[:, globals_count:]
-    return torch.cat([hidden[:, :1], tokens[:, 1:]], dim=1)
 
 
 @pytest.mark.parametrize("model_type", ["albert", "distilbert"])
@@ -242,37 +146,7 @@ def test_encoder_only_family_matches_plain_modules(model_type: str, mask_first_t
 @pytest.mark.parametrize("mask_first_token", [False, True])
 def test_seq2seq_family_matches_plain_modules(model_type: str, mask_first_token: bool) -> None:
     """scale_embedding=True: the token rows are scaled by upstream's own embedding, the global rows are not."""
-    plain = build(model_type, "Model", attn_implementation="eager")
-    model = lsg_patch.to_lsg(copy.deepcopy(plain), max_length=MAX_LENGTH, mask_first_token=mask_first_token, **LSG)
-    inputs = batch_inputs(model, "Model", SHORT, SHORT_PADDED)
-    caller_mask = inputs["attention_mask"].clone()
-    g = LSG["num_global_tokens"]
-    key_mask = caller_mask.clone()
-    if mask_first_token:
-        key_mask[:, 0] = 0
-    encoder = plain.encoder
-    captured = {}
-    hook = encoder.layers[0].register_forward_pre_hook(lambda module, args: captured.update(tokens=args[0]))
-    with torch.no_grad():
-        encoder(input_ids=inputs["input_ids"])  # token rows as upstream embeds them (scale, positions, LN)
-        hook.remove()
-        table = model.encoder.global_embeddings.weight[:g].expand(2, -1, -1)
-        norm = getattr(encoder, "layernorm_embedding", None)
-        globals_ = norm(table) if norm is not None else table
-        hidden = torch.cat([globals_, captured["tokens"]], dim=1)
-        for layer in encoder.layers:
-            hidden = layer(hidden, additive_mask(key_mask, g))
-        if getattr(encoder, "layer_norm", None) is not None:
-            hidden = encoder.layer_norm(hidden)
-        decoded = plain.decoder(
-            input_ids=inputs["decoder_input_ids"],
-            encoder_hidden_states=hidden,
-            encoder_attention_mask=torch.cat([torch.ones(2, g, dtype=torch.long), caller_mask], dim=1),
-        ).last_hidden_state
-        out = model(**inputs)
-    assert (out.encoder_last_hidden_state - hidden).abs().max().item() < 1e-5
-    assert (out.last_hidden_state - decoded).abs().max().item() < 1e-5
-    assert torch.equal(inputs["attention_mask"], caller_mask), "the caller's attention_mask was modified"
+    assert_seq2seq_matches_plain_modules(build(model_type, "Model", attn_implementation="eager"), mask_first_token)
 
 
 @pytest.mark.parametrize("model_type", ["bart", "pegasus"])

@@ -9,7 +9,6 @@ and uncached passes round them differently; the float32 generation tests therefo
 """
 from __future__ import annotations
 
-import copy
 import threading
 
 import pytest
@@ -20,41 +19,11 @@ from transformers import DynamicCache
 
 import lsg_patch
 from lsg_patch import LSGCache
-from tests.test_architectures import build
+from tests.helpers import CAUSAL_HEADS, cache_of, converted, greedy, ids_of, padded_batch
+from tests.helpers import plain_decoder as plain
+from tests.tiny_models import build
 
-DECODERS = {"gpt2": "LMHeadModel", "llama": "ForCausalLM", "mistral": "ForCausalLM", "qwen2": "ForCausalLM",
-            "bert": "LMHeadModel", "roberta": "ForCausalLM"}  # BERT-family decoders: is_decoder=True
 SPARSITY_TYPES = ["norm", "pooling", "lsh", "stride", "block_stride", "bos_pooling", "none"]
-_PLAIN: dict[tuple[str, bool], torch.nn.Module] = {}
-
-
-def plain(model_type: str, double: bool = True) -> torch.nn.Module:
-    """The unconverted tiny decoder (built once), float64 unless asked otherwise."""
-    key = (model_type, double)
-    if key not in _PLAIN:
-        model = build(model_type, DECODERS[model_type], max_position_embeddings=4096 + 2 * (model_type == "roberta"))
-        _PLAIN[key] = model.double() if double else model
-    return _PLAIN[key]
-
-
-def converted(model_type: str, double: bool = True, **lsg) -> torch.nn.Module:
-    settings_ = dict(max_length=4096, block_size=8, sparse_block_size=8, sparsity_factor=2, num_global_tokens=2)
-    return lsg_patch.to_lsg(copy.deepcopy(plain(model_type, double)), **{**settings_, **lsg})
-
-
-def ids_of(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(5, 99, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def cache_of(output: object) -> object:
-    """The cache a model returned: `cache` from transformers 5.24 on, `past_key_values` before."""
-    found = getattr(output, "cache", None)
-    return found if found is not None else output.past_key_values
-
-
-def greedy(model: torch.nn.Module, ids: torch.Tensor, new: int, **kwargs) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **kwargs)
 
 
 @st.composite
@@ -85,8 +54,11 @@ def test_every_token_after_a_cached_prompt_gets_the_uncached_logits(model_type: 
     torch.testing.assert_close(torch.cat(got, dim=1), expected, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("model_type", DECODERS)
-@pytest.mark.parametrize("prompt", [1, 12, 24, 1503])  # one token, under two blocks, exactly 3 blocks, long
+LONG_PROMPT_TYPES = ("gpt2", "llama", "bert")  # one long prompt per family: GPT-2, rotary stack, BERT as a decoder
+
+
+@pytest.mark.parametrize(("model_type", "prompt"), [(t, p) for t in CAUSAL_HEADS for p in (1, 12, 24)]
+                         + [(t, 1503) for t in LONG_PROMPT_TYPES])  # one token, under 2 blocks, 3 blocks, long
 def test_greedy_generation_with_the_cache_equals_generation_without(model_type: str, prompt: int) -> None:
     model = converted(model_type, sparsity_type="norm")
     ids = ids_of(1, prompt, seed=prompt)
@@ -108,13 +80,6 @@ def test_beam_search_with_the_cache_equals_beam_search_without(model_type: str) 
     ids = ids_of(2, 37, seed=4)
     beams = dict(num_beams=3, num_return_sequences=2, early_stopping=False)
     assert torch.equal(greedy(model, ids, 24, **beams), greedy(model, ids, 24, use_cache=False, **beams))
-
-
-def padded_batch(lengths: list[int], width: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = ids_of(len(lengths), width, seed=5), torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, slice(width - length, width) if side == "left" else slice(0, length)] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert", "roberta"])

@@ -13,7 +13,7 @@ import torch
 
 from lsg_patch import LSGCache
 from lsg_patch.families.base import _TABLE_WITHOUT_GLOBALS
-from tests.test_cache import cache_of, converted, greedy, ids_of, padded_batch
+from tests.helpers import cache_of, converted, greedy, ids_of, padded_batch
 
 
 def cached_logits(model: torch.nn.Module, ids: torch.Tensor, prompt: int, step: int, **kwargs) -> torch.Tensor:

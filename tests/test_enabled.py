@@ -14,7 +14,7 @@ import wrapt
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertModel, PreTrainedModel
 
 import lsg_patch
-from tiny_models import tiny_model
+from tests.tiny_models import tiny_model
 
 CONVERT = dict(block_size=16, sparse_block_size=16, sparsity_factor=2, num_global_tokens=2, bos_token_id=1, mask_token_id=2)
 
@@ -296,7 +296,7 @@ def test_block_options_are_checked_alone_then_merged_with_from_pretrained_option
 def test_a_tokenizer_given_to_the_block_is_raised_to_max_length(plain_dir) -> None:
     from transformers import AutoTokenizer
 
-    from lsg_patch.demo import minilm_path
+    from tests.helpers import minilm_folder as minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     with lsg_patch.enabled(max_length=1024, tokenizer=tokenizer, bos_token_id=1, mask_token_id=2):

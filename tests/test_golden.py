@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lsg_patch
-from golden_cases import case_names, load_case, lsg_model_for, plain_model
+from tests.golden_cases import case_names, load_case, lsg_model_for, plain_model
 
 ATOL = 1e-5
 ENCODER_ONLY_CASES = [n for n in case_names() if not n.startswith(("bart", "convert_"))]
@@ -40,7 +40,7 @@ def test_conversion_reproduces_reference_converter() -> None:
     case = load_case("convert_bert")
     conversion = case.meta["conversion"]
     from safetensors.torch import load_file
-    from golden_cases import GOLDEN
+    from tests.golden_cases import GOLDEN
 
     model = plain_model(case, conversion["source_config"])
     model.load_state_dict(load_file(str(GOLDEN / case.meta["files"]["source"])), strict=True)

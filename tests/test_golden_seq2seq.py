@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from golden_cases import load_case, lsg_seq2seq_model_for
+from tests.golden_cases import load_case, lsg_seq2seq_model_for
 
 ATOL = 1e-5
 

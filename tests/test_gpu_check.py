@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from golden_cases import case_names
+from tests.golden_cases import case_names
 
 ROOT = Path(__file__).resolve().parent.parent
 SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling", "lsh")

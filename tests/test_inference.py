@@ -10,7 +10,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel
 
 import lsg_patch
-from tests.test_decoders import LSG, MAX_LENGTH, assert_matches_oracle
+from tests.helpers import LOCAL_LSG as LSG
+from tests.helpers import MAX_LENGTH, assert_matches_oracle
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, initializer_range=0.2, pad_token_id=0)  # fmt: skip

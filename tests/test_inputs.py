@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import lsg_patch
-from tests.test_architectures import LSG, MAX_LENGTH, build
+from tests.helpers import LSG, MAX_LENGTH
+from tests.tiny_models import build
 
 LENGTH = 40
 
@@ -40,7 +41,7 @@ def test_four_d_masks_in_transformers_convention_match_the_2d_mask(model: torch.
 
 
 def test_integer_and_biased_four_d_masks_are_refused(model: torch.nn.Module) -> None:
-    ids = torch.randint(5, 99, (1, LENGTH))
+    ids = torch.randint(5, 99, (1, LENGTH), generator=torch.Generator().manual_seed(0))
     ones = torch.ones(1, LENGTH, dtype=torch.long)
     with pytest.raises(ValueError, match="dtype torch.int64 is not accepted"):
         model(input_ids=ids, attention_mask=_four_d(ones, torch.bool).long())

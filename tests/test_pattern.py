@@ -171,6 +171,8 @@ def test_model_and_config_sources_agree_and_bad_input_is_refused():
 
 
 def test_legend_says_data_dependent_types_show_a_region():
+    pytest.importorskip("matplotlib", reason="figures need the plot extra (pip install matplotlib)")
+
     def labels(sparsity_type: str) -> list[str]:
         lsg = lsg_patch.LSGConfig(block_size=8, sparse_block_size=8, sparsity_factor=2, sparsity_type=sparsity_type)
         return [text.get_text() for text in pattern_figure(lsg, 64).axes[0].get_legend().get_texts()]
@@ -182,12 +184,11 @@ def test_legend_says_data_dependent_types_show_a_region():
 
 
 def test_plot_pattern_writes_a_png_with_the_kind_colours(tmp_path):
-    import matplotlib.image
-
+    matplotlib_image = pytest.importorskip("matplotlib.image", reason="figures need the plot extra (pip install matplotlib)")
     lsg = lsg_patch.LSGConfig(block_size=16, sparse_block_size=8, sparsity_factor=4, sparsity_type="stride")
     path = lsg_patch.plot_pattern(lsg, 128, tmp_path / "pattern.png", dpi=60)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pixels = (matplotlib.image.imread(path)[..., :3] * 255).round().reshape(-1, 3)
+    pixels = (matplotlib_image.imread(path)[..., :3] * 255).round().reshape(-1, 3)
     colours = {tuple(p) for p in pixels.tolist()}
     for hex_colour in ("#3a7dc9", "#e8772e", "#2e9e5b"):  # local, sparse, global
         assert tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)) in colours

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceC
 import lsg_patch
 from lsg_patch.config import LSGConfig
 from lsg_patch.swap import LOAD_NOTE_KEY
-from tiny_models import BERT_FAMILY, tiny_model
+from tests.tiny_models import BERT_FAMILY, tiny_model
 
 HEADS = (AutoModelForSequenceClassification, AutoModelForMaskedLM, AutoModelForTokenClassification)
 OPTIONS = dict(block_size=16, sparse_block_size=8, sparsity_factor=4, sparsity_type="bos_pooling", num_global_tokens=3,

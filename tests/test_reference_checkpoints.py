@@ -15,7 +15,7 @@ import transformers
 from safetensors.torch import save_file
 
 import lsg_patch
-from golden_cases import case_names, load_case
+from tests.golden_cases import case_names, load_case
 
 ATOL = 1e-5
 ENCODER_CASES = [n for n in case_names() if not n.startswith(("bart", "convert_"))]

@@ -12,8 +12,8 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 import lsg_patch
 from lsg_patch.cli import main
-from lsg_patch.demo import minilm_path
-from tiny_models import tiny_model
+from tests.helpers import minilm_folder as minilm_path
+from tests.tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Written for plain transformers: a pipeline on a long text, and a model loaded in a second thread.

@@ -18,7 +18,8 @@ from transformers.masking_utils import AttentionMaskInterface, create_bidirectio
 import lsg_patch
 from lsg_patch import seam
 from lsg_patch.registry_paths import find_modules
-from tests.test_architectures import LSG, MAX_LENGTH, batch_inputs, build, cases
+from tests.helpers import LSG, MAX_LENGTH, batch_inputs, registered_heads
+from tests.tiny_models import build
 
 ORIGINAL_CLASSES = {  # what each registry type's self-attention modules are in transformers
     "bert": "BertSelfAttention", "roberta": "RobertaSelfAttention", "camembert": "CamembertSelfAttention",
@@ -166,7 +167,8 @@ def test_a_bert_decoder_with_cross_attention_refuses_a_cache_and_runs_without() 
     """Its cache would hold the encoder's keys too (EncoderDecoderCache); LSGCache covers self-attention only
     (the cache itself is tested in test_cache.py)."""
     model = lsg_patch.to_lsg(build("bert", "LMHeadModel", add_cross_attention=True), max_length=MAX_LENGTH, **LSG)
-    ids, states = torch.randint(5, 99, (1, 40)), torch.randn(1, 9, 32)
+    generator = torch.Generator().manual_seed(0)
+    ids, states = torch.randint(5, 99, (1, 40), generator=generator), torch.randn(1, 9, 32, generator=generator)
     with pytest.raises(ValueError, match="cross-attention.*use_cache=False"):
         model(ids, encoder_hidden_states=states, use_cache=True)
     assert model(ids, encoder_hidden_states=states, use_cache=False).logits.shape == (1, 40, 99)
@@ -180,7 +182,7 @@ def test_model_config_changes_still_reach_converted_modules() -> None:
     assert copy.deepcopy(model).encoder.layer[0].attention.self.config._attn_implementation == "lsg"
 
 
-@pytest.mark.parametrize(("model_type", "head"), [c for c in cases() if c[1] == "Model"])
+@pytest.mark.parametrize(("model_type", "head"), [c for c in registered_heads() if c[1] == "Model"])
 def test_every_type_really_runs_lsg(model_type: str, head: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The "lsg" function is what every converted layer calls (dense attention would not pass through it)."""
     calls = []

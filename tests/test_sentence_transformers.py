@@ -90,7 +90,7 @@ def test_the_cli_converts_a_transformer_module_kept_in_a_subfolder(tmp_path) -> 
     from transformers import AutoModel, AutoTokenizer
 
     from lsg_patch.cli import main
-    from tiny_models import tiny_model
+    from tests.tiny_models import tiny_model
 
     source = tmp_path / "st"
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())

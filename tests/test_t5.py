@@ -21,10 +21,11 @@ from transformers.models.umt5.modeling_umt5 import UMT5Attention
 import lsg_patch
 from lsg_patch.attention import AttentionLayout, RelativeBias, lsg_attention, prepare_mask
 from lsg_patch.attention.backends import BACKEND_VARIABLE
+from tests.helpers import EXACT_TYPES, LOCAL_LSG, Case
+from tests.helpers import attention_cases as cases
+from tests.helpers import t5_oracle_encoder as oracle_encoder
 from tests.oracle import oracle_attention
-from tests.test_architectures import build
-from tests.test_attention_product import EXACT_TYPES, Case, cases
-from tests.test_decoders import lsg_key_mask
+from tests.tiny_models import build
 
 
 def t5_bias(heads: int, num_buckets: int, max_distance: int, seed: int) -> RelativeBias:
@@ -79,7 +80,8 @@ def test_side_bias_is_one_value_per_head_and_direction_when_the_buckets_allow(
         tuple(distance.shape)) or RelativeBias.by_distance(self, *args)[distance.clamp(-args[0], args[0]) + args[0]]
         .movedim(-1, 0))
     tokens = 4 * block_size
-    query, key, value = torch.randn(3, 1, 3, 2 + tokens, 8, dtype=torch.float64)
+    query, key, value = torch.randn(3, 1, 3, 2 + tokens, 8, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(block_size))
     lsg_attention(query, key, value, prepare_mask(torch.ones(1, tokens, dtype=torch.bool), layout), layout,
                   bias=bias, causal=causal)
     side_shapes = [shape for shape in built if len(shape) == 4]  # (1, B, bs, Ks): the per-key side bias
@@ -112,34 +114,8 @@ def test_gradients_match_the_oracle(trainable: bool, case: Case, bucket_settings
 # between tokens and none for the global rows and columns (section 7c).
 
 MODEL_TYPES = ["t5", "mt5", "umt5"]
-LSG = dict(block_size=8, sparse_block_size=0, sparsity_type="none", num_global_tokens=2)
+LSG = LOCAL_LSG
 MAX_LENGTH, LENGTH, PADDED = 128, 48, 30  # 6 whole blocks, no block padding
-
-
-def oracle_encoder(plain: torch.nn.Module, lsg_model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
-                   ) -> torch.Tensor:
-    """The plain encoder's own modules run over [globals; tokens] with a position_bias built here: the model's
-    bias between tokens, 0 on the global rows and columns, plus the LSG key mask. T5 and mT5 share layer 0's
-    bias; UMT5 computes one in every layer, unconditionally, so its compute_bias hands out the built one."""
-    encoder, g = plain.get_encoder(), LSG["num_global_tokens"]
-    globals_ = lsg_model.get_encoder().global_embeddings.weight[:g].detach()
-    hidden = torch.cat([globals_.expand(ids.shape[0], -1, -1), encoder.embed_tokens(ids)], dim=1)
-    allowed = lsg_key_mask(mask.bool(), g, LSG["block_size"], causal=False)
-
-    def built_bias(attention: torch.nn.Module) -> torch.Tensor:
-        bias = torch.nn.functional.pad(attention.compute_bias(ids.shape[1], ids.shape[1]), (g, 0, g, 0))
-        return bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
-
-    shared = built_bias(encoder.block[0].layer[0].SelfAttention)
-    for block in encoder.block:
-        if plain.config.model_type == "umt5":
-            attention = block.layer[0].SelfAttention
-            attention.compute_bias = partial(lambda bias, *args, **kwargs: bias, built_bias(attention))
-            hidden = block(hidden)
-            del attention.compute_bias
-        else:
-            hidden = block(hidden, position_bias=shared)[0]
-    return encoder.final_layer_norm(hidden)
 
 
 def inputs(length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,14 +191,21 @@ def test_dense_position_bias_is_refused() -> None:
 
 
 def test_generate_on_4096_tokens() -> None:
+    """The long-input case of the T5 family: a row padded after 3000 of 4096 tokens generates and encodes what
+    the row alone does."""
     model = lsg_patch.to_lsg(build("t5", "ForConditionalGeneration"), max_length=4096, block_size=128,
                              sparsity_type="norm", num_global_tokens=4)
-    ids = torch.randint(5, 99, (1, 4096), generator=torch.Generator().manual_seed(6))
-    out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 5)
+    ids = torch.randint(5, 99, (2, 4096), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, 3000:] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    alone = model.generate(ids[1:, :3000], max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 5) and torch.equal(out[1], alone[0])
     with torch.no_grad():
-        encoded = model.get_encoder()(input_ids=ids).last_hidden_state
-    assert encoded.shape[1] == 4 + 4096 and torch.isfinite(encoded).all()
+        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        encoded_alone = model.get_encoder()(input_ids=ids[1:, :3000]).last_hidden_state
+    assert encoded.shape[1] == 4 + 4096
+    torch.testing.assert_close(encoded[1, : 4 + 3000], encoded_alone[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

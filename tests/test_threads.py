@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import lsg_patch
-from tests.test_architectures import LSG, MAX_LENGTH, build
+from tests.helpers import LSG, MAX_LENGTH
+from tests.tiny_models import build
 
 CALLS, THREADS = 60, 3
 

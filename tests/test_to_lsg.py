@@ -23,8 +23,8 @@ from transformers import (
 
 import lsg_patch
 from lsg_patch.config import option_names
-from lsg_patch.demo import minilm_path
-from tiny_models import BERT_FAMILY, tiny_model
+from tests.helpers import minilm_folder as minilm_path
+from tests.tiny_models import BERT_FAMILY, tiny_model
 
 HEADS = (AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
          AutoModelForQuestionAnswering, AutoModelForMultipleChoice, AutoModelForPreTraining)  # fmt: skip
