@@ -106,14 +106,21 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     plan = Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, key_heads),
                 _folded(side_scores, n, key_heads), None if causal or full_mask is None
                 else _additive(full_mask, query.dtype), causal)
-    if choice.kernel is Kernel.BLOCKED:
+    if choice.kernel in (Kernel.BLOCKED, Kernel.TRITON):
         codes = None if dropout_p == 0 else dropout_codes(dropout_p, draw_seed(), n, heads, layout, t, width, causal,
                                                           query.device)
-        return BlockedAttention.apply(query, key, value, side_keys, side_values, plan.local_mask, plan.side_mask,
-                                      plan, codes)
+        kernel = BlockedAttention if choice.kernel is Kernel.BLOCKED else _triton_attention()
+        return kernel.apply(query, key, value, side_keys, side_values, plan.local_mask, plan.side_mask, plan, codes)
     if choice.kernel is Kernel.CPU_FLASH:
         return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
     return _portable_attention(query, key, value, side_keys, side_values, plan)
+
+
+def _triton_attention() -> type[torch.autograd.Function]:
+    """The Triton kernels' autograd Function, imported on first use: importing it imports triton (optional, and
+    read TRITON_INTERPRET at that moment), which choose_kernel has checked before picking Kernel.TRITON."""
+    from .triton_kernels import TritonAttention
+    return TritonAttention
 
 
 def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
