@@ -17,7 +17,11 @@ without index buffers or zero-filled intermediates. Elsewhere without dropout (`
 plain autograd runs the same key sets through the public `scaled_dot_product_attention` (both parts
 concatenated).
 
-Attention dropout, on every device, and on the CPU inference and a relative bias whose table trains, run
+On CUDA tensors where triton imports (the `triton` backend) the token blocks run the fused Triton kernels of
+`triton_kernels.py` instead, dropout and bias included: they read the local windows in place and the side keys by
+row, from the same plan.
+
+Attention dropout, on every other backend, and on the CPU inference and a relative bias whose table trains, run
 `blocked.py`: explicit scores over a few blocks at a time with the counter-based keep-mask of `dropout.py`,
 regenerated in the backward rather than stored (the flash kernel has no dropout and no bias gradient; in
 inference the blocked kernel is as fast and holds no per-layer copies of the windows and side keys).

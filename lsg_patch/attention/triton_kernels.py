@@ -276,8 +276,8 @@ class TritonAttention(torch.autograd.Function):
         for programs in _programs(query, key, value, side_keys, side_values, local_scores, side_scores, plan, codes):
             _forward_kernel[programs.grid](
                 query, out, lse, programs.row_codes, *_strides(query), *_strides(out), *programs.row_code_strides,
-                *programs.shape, *programs.dropout, *programs.part_a, *programs.part_b,
-                **programs.constants, num_warps=4)
+                *programs.shape, *programs.dropout, *programs.a_sources, *programs.a_strides, *programs.a_rest,
+                *programs.b_sources, *programs.b_strides, *programs.b_rest, **programs.constants, num_warps=4)
         ctx.save_for_backward(query, key, value, side_keys, side_values, local_scores, side_scores, out, lse)
         ctx.plan, ctx.codes = plan, codes
         return out
@@ -300,15 +300,14 @@ class TritonAttention(torch.autograd.Function):
         for programs in _programs(query, key, value, side_keys, side_values, local_scores, side_scores, plan, codes):
             a_grads = dlocal if programs.is_tokens else None
             b_grads = dside if programs.is_tokens else None
-            kv_a, (k_b, v_b, *strides_b), rest_b = programs.part_a[:8], programs.part_b[:8], programs.part_b[8:]
             _backward_kernel[programs.grid](
                 query, out, grad_out, dquery, lse, programs.row_codes, *_strides(query), *_strides(out),
                 *_strides(grad_out), *_strides(dquery), *programs.row_code_strides,
                 *programs.shape, *programs.dropout,
-                kv_a[0], kv_a[1], dkey, dvalue, *kv_a[2:], *_strides(dkey), *programs.part_a[8:],
+                *programs.a_sources, dkey, dvalue, *programs.a_strides, *_strides(dkey), *programs.a_rest,
                 *_score_grad_args(a_grads, query, key_heads),
-                k_b, v_b, dside_keys, dside_values, *strides_b, *_strides(dside_keys), *rest_b,
-                *_score_grad_args(b_grads, query, key_heads),
+                *programs.b_sources, dside_keys, dside_values, *programs.b_strides, *_strides(dside_keys),
+                *programs.b_rest, *_score_grad_args(b_grads, query, key_heads),
                 NEED_A_DS=a_grads is not None, A_ROW_SUM=a_grads is not None and a_grads.shape[2] == 1,
                 NEED_B_DS=b_grads is not None, B_ROW_SUM=b_grads is not None and b_grads.shape[2] == 1,
                 **programs.constants, num_warps=4)
@@ -324,7 +323,9 @@ class TritonAttention(torch.autograd.Function):
 @dataclass(frozen=True)
 class _Programs:
     """One launch's grid and the kernel arguments both directions share, in the kernels' order: the query rows
-    (token blocks or the global rows), the dropout, part A (a window of keys) and part B (side keys by row)."""
+    (token blocks or the global rows), the dropout, part A (a window of keys) and part B (side keys by row), each
+    part as its key/value sources, their strides and the rest (which keys, additive scores, dropout codes); the
+    backward puts its gradient buffers after the sources and their strides after the sources' strides."""
 
     grid: tuple[int, int]
     is_tokens: bool
@@ -332,8 +333,12 @@ class _Programs:
     row_code_strides: tuple[int, int]
     shape: tuple[int | float, ...]
     dropout: tuple[int | float, ...]
-    part_a: tuple[Any, ...]
-    part_b: tuple[Any, ...]
+    a_sources: tuple[torch.Tensor, torch.Tensor]
+    a_strides: tuple[int, ...]
+    a_rest: tuple[Any, ...]
+    b_sources: tuple[torch.Tensor, torch.Tensor]
+    b_strides: tuple[int, ...]
+    b_rest: tuple[Any, ...]
     constants: dict[str, Any]
 
 
@@ -354,12 +359,12 @@ def _programs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, side_
     row_code_strides = (0, 0) if codes is None else tuple(
         s if size > 1 else 0 for size, s in zip(codes.rows.shape[:2], codes.rows.stride()[:2]))
     dropout = (0, 1.0) if codes is None else (threshold(codes.p) - (1 << 31), 1 / (1 - codes.p))
-    kv = (key, value, *_strides(key), *_strides(value))
+    window = ((key, value), (*_strides(key), *_strides(value)))
+    side = ((side_k, side_v), (*_strides(side_k), *_strides(side_v)))
+    side_codes = (query, 0, 0) if codes is None else (codes.side, *codes.side.stride())
 
-    def side_part(width: int) -> tuple[Any, ...]:
-        side_codes = (query, 0, 0) if codes is None else (codes.side, *codes.side.stride())
-        return (side_k, side_v, *_strides(side_k), *_strides(side_v), width, rows, *rows_strides,
-                side_scores, *_score_strides(side_scores, key_heads), *side_codes)
+    def side_rest(width: int) -> tuple[Any, ...]:
+        return (width, rows, *rows_strides, side_scores, *_score_strides(side_scores, key_heads), *side_codes)
 
     constants = dict(DROPOUT=codes is not None, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(d)),
                      PRECISION="ieee" if query.dtype == torch.float32 else None,  # fp32: no tf32
@@ -372,9 +377,9 @@ def _programs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, side_
     launches.append(_Programs(
         (n * h, blocks * tiles), True, row_codes, row_code_strides,
         (h, h // key_heads, length, g, bs, tiles, d, plan.scale), dropout,
-        (*kv, plan.width, g - bs, bs, g, length, local_scores, *_score_strides(local_scores, key_heads),
-         *local_codes),
-        side_part(side_scores.shape[-1]), dict(constants, A_SCORES=True, BLOCK_M=block_m)))
+        *window, (plan.width, g - bs, bs, g, length, local_scores, *_score_strides(local_scores, key_heads),
+                  *local_codes),
+        *side, side_rest(side_scores.shape[-1]), dict(constants, A_SCORES=True, BLOCK_M=block_m)))
     if g:
         block_m = _rows_per_program(g)
         mask = plan.global_mask
@@ -384,7 +389,7 @@ def _programs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, side_
         launches.append(_Programs(
             (n * h, triton.cdiv(g, block_m)), False, row_codes, row_code_strides,
             (h, h // key_heads, length, 0, g, triton.cdiv(g, block_m), d, plan.scale), dropout,
-            (*kv, keys, 0, 0, 0, keys, *mask_args, *full_codes), side_part(0),
+            *window, (keys, 0, 0, 0, keys, *mask_args, *full_codes), *side, side_rest(0),
             dict(constants, A_SCORES=mask is not None, BLOCK_M=block_m)))
     return launches
 
