@@ -157,6 +157,17 @@ def test_half_and_single_precision_match_the_oracle(dtype: torch.dtype, toleranc
     _assert_close(got, _outputs_and_gradients(case, _oracle(case)), tolerance)
 
 
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+def test_half_precision_dropout_keeps_what_the_blocked_kernel_keeps(dtype: torch.dtype, tolerance: float) -> None:
+    """fp16/bf16 with dropout (causal, grouped keys) against the blocked kernel in float64 with the same seed."""
+    case = _case(8, 32, "norm", causal=True, g=1)
+    case["qkv"] = (case["qkv"][0], *(x[:, :1] for x in case["qkv"][1:]))  # 2 query heads share 1 key head
+    with mock.patch.object(product, "draw_seed", lambda: 1234):
+        got = _outputs_and_gradients(case, _lsg(case, dropout_p=0.3), dtype=dtype)
+        want = _outputs_and_gradients(case, _lsg(case, backend="auto", dropout_p=0.3))
+    _assert_close(got, want, tolerance)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_blocks_larger_than_a_program_are_split_into_tiles(causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 24 rows over programs of 16 (two tiles, the second half full), windows over two column steps."""
