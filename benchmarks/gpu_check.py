@@ -20,16 +20,22 @@
    token after a long prompt, LSGCache against transformers' dense cache (SDPA); without --quick also a BERT-base
    model converted with `to_lsg` against the same shape with sdpa, forward only.
 3. Grouped-query attention: `lsg_attention` with 32 query heads sharing 8 key heads, against keys repeated first.
-4. Model steps (issue 13 on the device): forward and training step of whole models, lsg_patch with and without
+4. Fused kernels (issue 20): LSG attention through the triton backend and the portable backend against dense
+   SDPA with the flash kernel, at 4096 / 16384 / 32768 tokens (--quick: 256 / 512), forward and forward+backward,
+   attention dropout 0 and 0.1: time, peak memory and the GPU operations (kernels, copies, fills) one step runs,
+   counted with torch.profiler; the issue's targets are checked against the measured ratios. The triton rows
+   run on CUDA only.
+5. Model steps (issue 13 on the device): forward and training step of whole models, lsg_patch with and without
    attention dropout against full SDPA and the sparse peers of benchmarks/run.py, in fp32 and under fp16 / bf16
    autocast, at the default shape (4096 and 16384 tokens) and BERT-base size (4096).
-5. A markdown report (--out: date, device, versions, command, the tables), also printed at the end.
+6. A markdown report (--out: date, device, versions, command, the tables), also printed at the end.
 
 fp16 is left out on the CPU. A CPU run without --quick uses the GPU sizes (up to 32768 tokens): it takes long.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib.util
@@ -57,7 +63,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import lsg_patch  # noqa: E402
 from lsg_patch.attention import AttentionLayout, lsg_attention, prepare_mask  # noqa: E402
-from lsg_patch.attention.backends import BACKEND_VARIABLE, backend_for, requested_backend  # noqa: E402
+from lsg_patch.attention.backends import BACKEND_VARIABLE, backend_for, requested_backend, triton_imports  # noqa: E402
 
 SPARSITY_TYPES = ("none", "norm", "pooling", "stride", "block_stride", "bos_pooling", "lsh")
 GOLDEN_ATOL = 1e-5  # tests/test_golden.py
@@ -164,7 +170,8 @@ def low_precision_tolerance(dtype: torch.dtype) -> float:
 
 
 def backend_checks(device: torch.device, checks: list[Check]) -> None:
-    """The backend backend_for picks: "portable" on every device but the CPU; on those, forcing the CPU-only
+    """The backend backend_for picks: "triton" on CUDA where triton imports, else "portable" on every device but
+    the CPU; on those, forcing the CPU-only
     "cpu_fused" must be refused too, so that no CPU-only op is reachable there."""
     setting = f"{BACKEND_VARIABLE}={os.environ.get(BACKEND_VARIABLE, '(unset)')}"
     try:
@@ -172,7 +179,9 @@ def backend_checks(device: torch.device, checks: list[Check]) -> None:
     except ValueError as exc:
         add(checks, Check("backend", "-", "error", "-", False, f"{setting}: {exc}"))
         return
-    expected = "portable" if device.type != "cpu" else ("cpu_fused" if requested == "auto" else requested)
+    auto = "cpu_fused" if device.type == "cpu" else (
+        "triton" if device.type == "cuda" and triton_imports() else "portable")
+    expected = auto if requested == "auto" else requested
     add(checks, Check("backend", "-", chosen, expected, chosen == expected, setting))
     if device.type == "cpu":
         return
@@ -431,6 +440,138 @@ def timing_rows(device: torch.device, quick: bool) -> list[Timing]:
     if not quick:
         rows += model_rows(device, main_dtype, (4096, 16384))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused kernels (issue 20)
+
+KERNEL_SYSTEMS = ("LSG triton", "LSG portable", "dense flash")
+KERNEL_DROPOUTS = (0.0, 0.1)
+# issue 20's targets against dense flash (bf16, 12 heads of 64): speed-up of the forward and of forward+backward
+KERNEL_TARGETS = {("forward", 4096): 1.5, ("forward", 16384): 6.0, ("forward", 32768): 12.0,
+                  ("train", 4096): 1.3, ("train", 16384): 5.0, ("train", 32768): 10.0}
+MAX_FORWARD_LAUNCHES, MAX_PEAK_RATIO, MAX_DROPOUT_COST = 12, 1.5, 1.2
+
+
+@dataclass
+class KernelRow:
+    """One row of the fused-kernel table: one system at one length, mode and dropout."""
+
+    tokens: int
+    dtype: str
+    mode: str
+    dropout: float
+    system: str
+    measured: Measurement
+    launches: str
+
+    def line(self) -> str:
+        return (f"KERNEL {self.system} {self.tokens} tokens [{self.dtype}] {self.mode} dropout {self.dropout:g}: "
+                f"{show_ms(self.measured)} ms, {show_mib(self.measured)} MiB, {self.launches} GPU ops")
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None) -> Any:
+    """LSG_PATCH_BACKEND=name for the duration (None: leave it as it is)."""
+    previous = os.environ.get(BACKEND_VARIABLE)
+    if name is not None:
+        os.environ[BACKEND_VARIABLE] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BACKEND_VARIABLE, None)
+        else:
+            os.environ[BACKEND_VARIABLE] = previous
+
+
+def count_gpu_ops(step: Callable[[], object], device: torch.device) -> str:
+    """The GPU operations (kernels, copies, fills) one step puts on the device, counted by torch.profiler after
+    one unprofiled step (compilation and autotuning happen there); "n/a" off CUDA."""
+    if device.type != "cuda":
+        return "n/a"
+    try:
+        step()
+        torch.cuda.synchronize(device)
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as profile:
+            step()
+            torch.cuda.synchronize(device)
+        return str(sum(event.device_type == torch.autograd.DeviceType.CUDA for event in profile.events()))
+    except Exception as exc:  # noqa: BLE001 - shown in the table
+        return f"error: {type(exc).__name__}"
+
+
+def kernel_system(system: str, layout: AttentionLayout, mask: Any, dropout: float, device: torch.device
+                  ) -> tuple[Callable[..., torch.Tensor], str | None]:
+    """The attention function of one system and the backend it forces (None: none)."""
+    if system == "dense flash":
+        def dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            flash = torch.nn.attention.SDPBackend.FLASH_ATTENTION
+            context = torch.nn.attention.sdpa_kernel(flash) if device.type == "cuda" else contextlib.nullcontext()
+            with context:
+                return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+        return dense, None
+
+    def lsg(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return lsg_attention(query, key, value, mask, layout, dropout_p=dropout)
+    return lsg, system.removeprefix("LSG ")
+
+
+def kernel_rows(device: torch.device, quick: bool) -> list[KernelRow]:
+    """Issue 20's rows: every system of KERNEL_SYSTEMS on the same (1, heads, 1 + T, d) tensors (bf16 on CUDA,
+    float32 elsewhere), default layout, every mode and dropout."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    heads, head_dim, lengths = (2, 32, (256, 512)) if quick else (12, 64, (4096, 16384, 32768))
+    layout = AttentionLayout()
+    rows = []
+    for tokens in lengths:
+        torch.manual_seed(0)
+        inputs = tuple(torch.randn(1, heads, layout.num_global_tokens + tokens, head_dim, device=device,
+                                   dtype=dtype) for _ in range(3))
+        mask = prepare_mask(torch.ones(1, tokens, dtype=torch.bool, device=device), layout)
+        for mode in MODES:
+            for dropout in KERNEL_DROPOUTS:
+                for system in KERNEL_SYSTEMS:
+                    if system == "LSG triton" and device.type != "cuda":
+                        measured, launches = Measurement(status="CUDA only"), "-"
+                    else:
+                        fn, backend = kernel_system(system, layout, mask, dropout, device)
+                        with forced_backend(backend):
+                            step = attention_step(fn, inputs, mode)
+                            measured = measure(step, device)
+                            launches = count_gpu_ops(step, device) if measured.status == "ok" else "-"
+                        release(device)
+                    rows.append(KernelRow(tokens, dtype_name(dtype), mode, dropout, system, measured, launches))
+                    print(rows[-1].line(), flush=True)
+    return rows
+
+
+def kernel_summary(rows: list[KernelRow]) -> list[str]:
+    """Issue 20's targets, each against the ratio measured here (only where both sides were measured)."""
+    found = {(r.system, r.tokens, r.mode, r.dropout): r for r in rows if r.measured.status == "ok"}
+    lines = []
+    for (mode, tokens), target in KERNEL_TARGETS.items():
+        lsg, dense = found.get(("LSG triton", tokens, mode, 0.0)), found.get(("dense flash", tokens, mode, 0.0))
+        if not (lsg and dense):
+            continue
+        speed = dense.measured.ms / lsg.measured.ms
+        parts = [f"dense flash / LSG triton time {speed:.2f}x (target >= {target:g}x: "
+                 f"{'met' if speed >= target else 'not met'})"]
+        if lsg.measured.peak_mib is not None and dense.measured.peak_mib:
+            memory = lsg.measured.peak_mib / dense.measured.peak_mib
+            parts.append(f"peak memory {memory:.2f}x dense flash's (target <= {MAX_PEAK_RATIO:g}x: "
+                         f"{'met' if memory <= MAX_PEAK_RATIO else 'not met'})")
+        dropped = found.get(("LSG triton", tokens, mode, 0.1))
+        if dropped:
+            cost = dropped.measured.ms / lsg.measured.ms
+            parts.append(f"dropout 0.1 costs {cost:.2f}x (target <= {MAX_DROPOUT_COST:g}x: "
+                         f"{'met' if cost <= MAX_DROPOUT_COST else 'not met'})")
+        if mode == "forward" and lsg.launches.isdigit():
+            parts.append(f"{lsg.launches} GPU ops (target <= {MAX_FORWARD_LAUNCHES}: "
+                         f"{'met' if int(lsg.launches) <= MAX_FORWARD_LAUNCHES else 'not met'})")
+        lines.append(f"- {tokens} tokens, {mode}: " + "; ".join(parts))
+    return lines or ["- no target checked: the triton rows run on CUDA only"]
 
 
 @dataclass
@@ -692,10 +833,12 @@ def checkout() -> str:
 
 
 def render(device: torch.device, dtypes: list[torch.dtype], quick: bool, checks: list[Check],
-           timings: list[Timing], grouped: list[GroupedRow], steps: list[ModelStep], seconds: float) -> str:
+           timings: list[Timing], kernels: list[KernelRow], grouped: list[GroupedRow], steps: list[ModelStep],
+           seconds: float) -> str:
     """The markdown report: header (date, device, versions, command), correctness table, timing table."""
     failed = sum(not c.passed for c in checks) + sum(m.status.startswith("error") for t in timings
-                                                     for m in (t.lsg, t.dense))
+                                                     for m in (t.lsg, t.dense)) + sum(
+        r.measured.status.startswith("error") for r in kernels)
     lines = [
         f"# GPU check: lsg_patch on {device_description(device)}", "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -739,6 +882,19 @@ def render(device: torch.device, dtypes: list[torch.dtype], quick: bool, checks:
         ratio = f"{t.dense.ms / t.lsg.ms:.2f}" if t.lsg.status == t.dense.status == "ok" else "-"
         lines.append(f"| {t.what} | {t.tokens} | {t.dtype} | {t.mode} | {show_ms(t.lsg)} | {show_ms(t.dense)} | "
                      f"{ratio} | {show_mib(t.lsg)} | {show_mib(t.dense)} |")
+    lines += [
+        "", "## Fused kernels (issue 20)", "",
+        f"`lsg_attention` (default layout) through LSG_PATCH_BACKEND=triton and =portable against dense "
+        f"`scaled_dot_product_attention` with the flash kernel (`sdpa_kernel(FLASH_ATTENTION)` on CUDA), same "
+        f"(1, heads, 1 + T, d) tensors ({'2 heads of 32' if quick else '12 heads of 64'}), attention dropout 0 and "
+        f"0.1; forward under no_grad, train = forward + backward to q, k, v. GPU ops: kernels, copies and fills "
+        f"one step runs (torch.profiler, after a warm step). {memory}.", "",
+        *kernel_summary(kernels), "",
+        "| tokens | dtype | mode | dropout | system | ms | peak MiB | GPU ops |",
+        "|---:|---|---|---:|---|---:|---:|---:|",
+    ]
+    lines += [f"| {r.tokens} | {r.dtype} | {r.mode} | {r.dropout:g} | {r.system} | {show_ms(r.measured)} | "
+              f"{show_mib(r.measured)} | {r.launches} |" for r in kernels]
     heads, key_heads, head_dim = GROUPED_HEADS
     lines += [
         "", "## Grouped-query attention: shared key heads against repeated keys", "",
@@ -789,16 +945,19 @@ def main(argv: list[str] | None = None) -> int:
     cache_checks(device, checks)
     dropout_checks(device, checks)
     timings = timing_rows(device, args.quick)
+    kernels = kernel_rows(device, args.quick)
     grouped = grouped_rows(device, args.quick)
     steps = model_step_rows(device, args.quick)
-    report = render(device, dtypes, args.quick, checks, timings, grouped, steps, time.perf_counter() - started)
+    report = render(device, dtypes, args.quick, checks, timings, kernels, grouped, steps,
+                    time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print("\n" + report, flush=True)
     failures = [c.line() for c in checks if not c.passed] + [
         t.line() for t in timings if "error" in (t.lsg.status + t.dense.status)] + [
         r.line() for r in steps if r.system.startswith("lsg") and "error" in r.forward.status + r.train.status] + [
-        r.line() for r in grouped if "error" in r.shared.status + r.repeated.status]
+        r.line() for r in grouped if "error" in r.shared.status + r.repeated.status] + [
+        r.line() for r in kernels if "error" in r.measured.status]
     if failures:
         print(f"FAIL: {len(failures)} failed (report: {args.out})\n" + "\n".join(failures), flush=True)
         return 1

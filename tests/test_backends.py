@@ -25,15 +25,20 @@ def _forbid_cpu_only_ops(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_unknown_backend_is_refused_with_the_accepted_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(backends.BACKEND_VARIABLE, "triton")
-    with pytest.raises(ValueError, match=r"LSG_PATCH_BACKEND='triton' is not accepted; choose one of auto, portable, cpu_fused"):
+    monkeypatch.setenv(backends.BACKEND_VARIABLE, "tpu")
+    with pytest.raises(ValueError, match=r"LSG_PATCH_BACKEND='tpu' is not accepted; choose one of auto, portable, "
+                                         r"cpu_fused, triton"):
         backends.backend_for(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "mps", "xpu", "meta"])
 def test_auto_never_selects_a_cpu_only_backend_for_another_device(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """portable, or triton for CUDA tensors where triton imports."""
     monkeypatch.delenv(backends.BACKEND_VARIABLE, raising=False)
-    assert backends.backend_for(torch.device(device)) == "portable"
+    for triton in (False, True):
+        monkeypatch.setattr(backends, "triton_imports", lambda triton=triton: triton)
+        expected = "triton" if triton and device.startswith("cuda") else "portable"
+        assert backends.backend_for(torch.device(device)) == expected
     monkeypatch.setenv(backends.BACKEND_VARIABLE, "cpu_fused")
     with pytest.raises(ValueError, match="runs on cpu tensors only"):
         backends.backend_for(torch.device(device))
@@ -59,13 +64,15 @@ def _case(kind: str, causal: bool, seed: int) -> tuple:
 @settings(max_examples=20, deadline=None)
 @given(st.sampled_from(TYPES), st.booleans(), st.integers(0, 2**31))
 def test_the_cuda_choice_reaches_no_cpu_only_op_and_matches_the_fused_kernel(kind: str, causal: bool, seed: int) -> None:
-    """What a CUDA tensor gets (choose_kernel for cuda) runs forward and backward with the CPU-only ops forbidden, and
-    agrees with the fused CPU backend."""
+    """What a CUDA tensor gets (choose_kernel for cuda, on a machine without triton; the triton kernels have
+    tests/test_triton.py) runs forward and backward with the CPU-only ops forbidden, and agrees with the fused CPU
+    backend."""
     layout, qkv, mask = _case(kind, causal, seed)
     fused = lsg_attention(*qkv, mask, layout, causal=causal)
     fused_grad = torch.autograd.grad(fused.square().sum(), qkv)[0]
     with pytest.MonkeyPatch.context() as patch:
         _forbid_cpu_only_ops(patch)
+        patch.setattr(backends, "triton_imports", lambda: False)
         patch.setattr(product, "choose_kernel",  # the choice made for the same call on CUDA tensors
                       lambda call: backends.choose_kernel(dataclasses.replace(call, device=torch.device("cuda"))))
         portable = lsg_attention(*qkv, mask, layout, causal=causal)

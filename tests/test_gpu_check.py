@@ -56,4 +56,11 @@ def test_quick_cpu_run_passes_and_reports_every_check(tmp_path: Path) -> None:
     assert "- toy shape, 512 tokens, fp32: lsg_patch trains in" in report
     for mode in ("forward", "train"):
         assert f"\n| 512 | float32 | {mode} |" in report  # a row of the grouped-query table
+    for tokens in (256, 512):  # issue 20's rows: the triton backend runs on CUDA only
+        for mode in ("forward", "train"):
+            for dropout in ("0", "0.1"):
+                row = f"| {tokens} | float32 | {mode} | {dropout} |"
+                assert f"{row} LSG triton | CUDA only | - | - |" in report
+                for system in ("LSG portable", "dense flash"):
+                    assert f"{row} {system} |" in report and f"{row} {system} | error" not in report
     assert "FAIL" not in report and "PASS: all" in done.stdout

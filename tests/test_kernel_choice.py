@@ -27,22 +27,41 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
     ("auto", AttentionCall(CPU, block_path=True, needs_input_grad=True, grouped_keys=True,
                            side_keys_per_key_head=True), Kernel.BLOCKED, True),
     ("auto", AttentionCall(CPU, block_path=True, needs_input_grad=True, grouped_keys=True), Kernel.CPU_FLASH, False),
-    # other devices: public SDPA without dropout (grouped keys repeated), the blocked kernel with it
-    ("auto", AttentionCall(CUDA, block_path=True, needs_input_grad=True), Kernel.PORTABLE_SDPA, False),
-    ("auto", AttentionCall(CUDA, block_path=True), Kernel.PORTABLE_SDPA, False),
-    ("auto", AttentionCall(CUDA, block_path=True, grouped_keys=True, side_keys_per_key_head=True),
+    # other devices without triton: public SDPA without dropout (grouped keys repeated), the blocked kernel with it
+    ("auto-without-triton", AttentionCall(CUDA, block_path=True, needs_input_grad=True), Kernel.PORTABLE_SDPA, False),
+    ("auto-without-triton", AttentionCall(CUDA, block_path=True), Kernel.PORTABLE_SDPA, False),
+    ("auto-without-triton", AttentionCall(CUDA, block_path=True, grouped_keys=True, side_keys_per_key_head=True),
      Kernel.PORTABLE_SDPA, False),
-    ("auto", AttentionCall(CUDA, block_path=True, dropout=True, grouped_keys=True, side_keys_per_key_head=True),
+    ("auto-without-triton", AttentionCall(CUDA, block_path=True, dropout=True, grouped_keys=True, side_keys_per_key_head=True),
      Kernel.BLOCKED, True),
-    ("auto", AttentionCall(CUDA, block_path=True, dropout=True, grouped_keys=True, side_keys_per_key_head=True,
+    ("auto-without-triton", AttentionCall(CUDA, block_path=True, dropout=True, grouped_keys=True, side_keys_per_key_head=True,
                            has_bias=True), Kernel.BLOCKED, False),
+    # CUDA with triton: the fused kernels on the block path, grouped keys shared where the side keys allow and no
+    # bias is per query head; the full path as before; the CPU never picks triton on its own
+    ("auto", AttentionCall(CUDA, block_path=True, needs_input_grad=True), Kernel.TRITON, False),
+    ("auto", AttentionCall(CUDA, block_path=True, dropout=True, needs_input_grad=True), Kernel.TRITON, False),
+    ("auto", AttentionCall(CUDA, block_path=True, grouped_keys=True, side_keys_per_key_head=True),
+     Kernel.TRITON, True),
+    ("auto", AttentionCall(CUDA, block_path=True, grouped_keys=True), Kernel.TRITON, False),
+    ("auto", AttentionCall(CUDA, block_path=True, grouped_keys=True, side_keys_per_key_head=True, has_bias=True,
+                           bias_trains=True), Kernel.TRITON, False),
+    ("auto", AttentionCall(CUDA, block_path=False, grouped_keys=True), Kernel.FULL_SDPA, True),
+    ("auto", AttentionCall(CUDA, block_path=False, dropout=True), Kernel.FULL_EXPLICIT, False),
+    ("auto", AttentionCall(torch.device("mps"), block_path=True), Kernel.PORTABLE_SDPA, False),
+    ("auto", AttentionCall(CPU, block_path=True, needs_input_grad=True), Kernel.CPU_FLASH, False),
+    # triton forced on the CPU (under the interpreter: tests)
+    ("triton", AttentionCall(CPU, block_path=True, needs_input_grad=True), Kernel.TRITON, False),
+    ("triton", AttentionCall(CPU, block_path=False), Kernel.FULL_SDPA, False),
     # the portable backend forced on the CPU runs what other devices run
     ("portable", AttentionCall(CPU, block_path=True), Kernel.PORTABLE_SDPA, False),
     ("portable", AttentionCall(CPU, block_path=True, needs_input_grad=True), Kernel.PORTABLE_SDPA, False),
 ])
 def test_the_kernel_table(backend: str, call: AttentionCall, kernel: Kernel, shares: bool,
                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(backends.BACKEND_VARIABLE, backend)
+    """backend "auto-without-triton": auto on a machine where triton does not import; elsewhere it imports."""
+    monkeypatch.setattr(backends, "triton_imports", lambda: backend != "auto-without-triton")
+    monkeypatch.setenv(backends.INTERPRETER_VARIABLE, "1")
+    monkeypatch.setenv(backends.BACKEND_VARIABLE, backend.removesuffix("-without-triton"))
     choice = choose_kernel(call)
     assert (choice.kernel, choice.shares_key_heads) == (kernel, shares)
 
@@ -56,6 +75,24 @@ def test_no_cpu_only_kernel_is_chosen_for_another_device(device: torch.device, m
             assert choose_kernel(call).kernel is not Kernel.CPU_FLASH
     monkeypatch.setenv(backends.BACKEND_VARIABLE, "cpu_fused")
     with pytest.raises(ValueError, match="runs on cpu tensors only"):
+        choose_kernel(AttentionCall(device, block_path=True))
+
+
+@pytest.mark.parametrize(("triton", "interpreter", "device", "problem"), [
+    (False, "1", CUDA, "triton is not installed"),
+    (True, None, CPU, "only under its interpreter"),
+    (True, "0", CPU, "only under its interpreter"),
+    (True, "1", torch.device("mps"), "run on cuda tensors"),
+])
+def test_forcing_triton_where_it_cannot_run_is_refused(triton: bool, interpreter: str | None, device: torch.device,
+                                                       problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backends, "triton_imports", lambda: triton)
+    if interpreter is None:
+        monkeypatch.delenv(backends.INTERPRETER_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(backends.INTERPRETER_VARIABLE, interpreter)
+    monkeypatch.setenv(backends.BACKEND_VARIABLE, "triton")
+    with pytest.raises(ValueError, match=f"LSG_PATCH_BACKEND=triton cannot run here: .*{problem}"):
         choose_kernel(AttentionCall(device, block_path=True))
 
 

@@ -4,6 +4,8 @@ Backends (what LSG_PATCH_BACKEND names; ``auto``, the default, picks by the tens
 
 * ``cpu_fused``: kernels built on the CPU flash-attention op (a private aten op registered for CPU only). CPU
   tensors only; ``auto`` takes it for CPU tensors.
+* ``triton``: fused Triton kernels (`triton_kernels.py`) for the block path; CUDA tensors, or CPU tensors under
+  the Triton interpreter (TRITON_INTERPRET=1, for tests). ``auto`` takes it for CUDA tensors when triton imports.
 * ``portable``: public PyTorch ops only, so it runs on every device; ``auto`` takes it for every other device.
 
 Kernels (`Kernel`), chosen from the backend and what the call needs:
@@ -16,19 +18,22 @@ Kernels (`Kernel`), chosen from the backend and what the call needs:
 * ``cpu_flash``: the CPU flash kernel on the local window and the side keys, merged through their logsumexp
   (`product._BlockAttention`), for CPU training without dropout.
 * ``portable_sdpa``: public SDPA over each block's gathered key set, with plain autograd (`product._portable_attention`).
+* ``triton``: the fused kernels of the ``triton`` backend, dropout and a training bias included (`triton_kernels.py`).
 
 The environment variable is read once per call, so it can change at run time.
 """
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 
 BACKEND_VARIABLE = "LSG_PATCH_BACKEND"
-BACKENDS = ("auto", "portable", "cpu_fused")
+BACKENDS = ("auto", "portable", "cpu_fused", "triton")
+INTERPRETER_VARIABLE = "TRITON_INTERPRET"  # triton's own switch: kernels run on CPU tensors, slowly (tests)
 _DEVICE_BOUND = {"cpu_fused": "cpu"}  # backends made of ops registered for one device type only
 
 
@@ -40,6 +45,7 @@ class Kernel(enum.Enum):
     BLOCKED = "blocked"
     CPU_FLASH = "cpu_flash"
     PORTABLE_SDPA = "portable_sdpa"
+    TRITON = "triton"
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,13 @@ def backend_for(device: torch.device) -> str:
     """The backend that runs LSG attention on tensors of `device`; never a CPU-only backend elsewhere."""
     name = requested_backend()
     if name == "auto":
-        return "cpu_fused" if device.type == "cpu" else "portable"
+        if device.type == "cpu":
+            return "cpu_fused"
+        return "triton" if device.type == "cuda" and triton_imports() else "portable"
+    if name == "triton":
+        problem = _triton_problem(device)
+        if problem:
+            raise ValueError(f"{BACKEND_VARIABLE}=triton cannot run here: {problem}; use 'auto' or 'portable'")
     bound = _DEVICE_BOUND.get(name)
     if bound is not None and device.type != bound:
         raise ValueError(
@@ -95,6 +107,28 @@ def backend_for(device: torch.device) -> str:
             f"use 'portable' or 'auto' for {device.type}"
         )
     return name
+
+
+@functools.cache
+def triton_imports() -> bool:
+    """Whether `import triton` succeeds (asked once per process)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_problem(device: torch.device) -> str:
+    """Why the triton backend cannot run on tensors of `device` ("" when it can)."""
+    if not triton_imports():
+        return "triton is not installed (pip install triton)"
+    if device.type == "cpu" and os.environ.get(INTERPRETER_VARIABLE) != "1":
+        return (f"these tensors are on the CPU, where Triton kernels run only under its interpreter "
+                f"({INTERPRETER_VARIABLE}=1, set before triton is imported)")
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels run on cuda tensors, and these are on {device}"
+    return ""
 
 
 def choose_kernel(call: AttentionCall) -> KernelChoice:
@@ -114,6 +148,9 @@ def choose_kernel(call: AttentionCall) -> KernelChoice:
     if not call.block_path:
         shares = call.grouped_keys and not call.has_bias and not call.dropout
         return KernelChoice(Kernel.FULL_EXPLICIT if call.dropout else Kernel.FULL_SDPA, shares, backend)
+    if backend == "triton":  # every block-path call: dropout, bias and grouped keys run inside the kernels
+        shares = call.grouped_keys and not call.has_bias and call.side_keys_per_key_head
+        return KernelChoice(Kernel.TRITON, shares, backend)
     shares = (call.grouped_keys and not call.has_bias and call.side_keys_per_key_head
               and (call.dropout or backend == "cpu_fused"))
     cpu_prefers_blocked = not call.needs_input_grad or call.bias_trains

@@ -17,7 +17,11 @@ without index buffers or zero-filled intermediates. Elsewhere without dropout (`
 plain autograd runs the same key sets through the public `scaled_dot_product_attention` (both parts
 concatenated).
 
-Attention dropout, on every device, and on the CPU inference and a relative bias whose table trains, run
+On CUDA tensors where triton imports (the `triton` backend) the token blocks run the fused Triton kernels of
+`triton_kernels.py` instead, dropout and bias included: they read the local windows in place and the side keys by
+row, from the same plan.
+
+Attention dropout, on every other backend, and on the CPU inference and a relative bias whose table trains, run
 `blocked.py`: explicit scores over a few blocks at a time with the counter-based keep-mask of `dropout.py`,
 regenerated in the backward rather than stored (the flash kernel has no dropout and no bias gradient; in
 inference the blocked kernel is as fast and holds no per-layer copies of the windows and side keys).
@@ -106,14 +110,21 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     plan = Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, key_heads),
                 _folded(side_scores, n, key_heads), None if causal or full_mask is None
                 else _additive(full_mask, query.dtype), causal)
-    if choice.kernel is Kernel.BLOCKED:
+    if choice.kernel in (Kernel.BLOCKED, Kernel.TRITON):
         codes = None if dropout_p == 0 else dropout_codes(dropout_p, draw_seed(), n, heads, layout, t, width, causal,
                                                           query.device)
-        return BlockedAttention.apply(query, key, value, side_keys, side_values, plan.local_mask, plan.side_mask,
-                                      plan, codes)
+        kernel = BlockedAttention if choice.kernel is Kernel.BLOCKED else _triton_attention()
+        return kernel.apply(query, key, value, side_keys, side_values, plan.local_mask, plan.side_mask, plan, codes)
     if choice.kernel is Kernel.CPU_FLASH:
         return _BlockAttention.apply(query, key, value, side_keys, side_values, plan)
     return _portable_attention(query, key, value, side_keys, side_values, plan)
+
+
+def _triton_attention() -> type[torch.autograd.Function]:
+    """The Triton kernels' autograd Function, imported on first use: importing it imports triton (optional, and
+    read TRITON_INTERPRET at that moment), which choose_kernel has checked before picking Kernel.TRITON."""
+    from .triton_kernels import TritonAttention
+    return TritonAttention
 
 
 def _full_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
