@@ -5,6 +5,7 @@
 from .api import is_lsg_model, to_lsg
 from .config import LSGConfig
 from .context import enabled
+from .export import export_onnx
 from .persistence import from_pretrained
 from .pattern import attention_pattern, plot_pattern
 from .seam.cache import LSGCache
@@ -18,6 +19,7 @@ __all__ = [
     "architecture_support",
     "attention_pattern",
     "enabled",
+    "export_onnx",
     "from_lsg",
     "from_pretrained",
     "is_lsg_model",

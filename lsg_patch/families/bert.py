@@ -15,14 +15,15 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..attention.backends import exporting
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
-from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument, set_argument,
+from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument, pad_tokens,
+                   set_argument,
                    token_inputs, token_mask_from)
 from .caching import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last, resolve_cache,
                       room_for, take_rows)
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 # From the base-model hook to the encoder hook of decoders, through the model's **kwargs: the row order, and the
 # position id each row's next token takes.
 ROW_ORDER_KEYWORD, NEXT_POSITIONS_KEYWORD = "lsg_row_order", "lsg_next_positions"
+# Under torch.export, from the base-model hook of encoders to the encoder hook: the caller's 2-D attention mask.
+TOKEN_MASK_KEYWORD = "lsg_token_mask"
 
 
 class BertFamily(FamilyAdapter):
@@ -49,8 +52,10 @@ class BertFamily(FamilyAdapter):
         causal = any(getattr(module, "is_causal", False) for _, _, module in find_modules(base_model, entry.self_attention))
         if causal:
             DecoderRows(lsg, max_length, entry.position_offset).register_pre(base_model)
-        elif global_rows.projection is None:
-            GlobalRowsInFront(global_rows, lsg).register_post(get_submodule(base_model, entry.embeddings))
+        else:
+            ExportedTokenMask().register_pre(base_model)
+            if global_rows.projection is None:
+                GlobalRowsInFront(global_rows, lsg).register_post(get_submodule(base_model, entry.embeddings))
         BertEncoderInput(global_rows, lsg, entry.position_offset).register_pre(encoder)
         if causal and lsg.pool_with_global:  # before OutputTrim: it reads the global rows the trim drops
             PooledFirstRow().register_post(encoder)
@@ -83,6 +88,7 @@ class BertEncoderInput(LSGHook):
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         row_order = kwargs.pop(ROW_ORDER_KEYWORD, None)
+        given_mask = kwargs.pop(TOKEN_MASK_KEYWORD, None)
         following = kwargs.pop(NEXT_POSITIONS_KEYWORD, None)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         batch, length, _ = hidden.shape
@@ -94,16 +100,15 @@ class BertEncoderInput(LSGHook):
             return (hidden, *args[1:]), kwargs
         if cache is not None and not isinstance(cache, LSGCache):
             raise ValueError(f"LSG encoders keep no key/value cache; got {type(cache).__name__}: use_cache=False")
-        token_mask = token_mask_from(kwargs.get("attention_mask"), batch, length, hidden.device)
+        token_mask = token_mask_from(kwargs.get("attention_mask") if given_mask is None else given_mask, batch, length,
+                                     hidden.device)
         padding = block_padding(length, self.lsg)
-        if padding:  # F.pad, not cat with a new (batch, padding) tensor: no shape specialisation under compile
-            token_mask = F.pad(token_mask, (0, padding), value=False)
+        token_mask = pad_tokens(token_mask, padding, False)  # no new (batch, padding) tensor: no specialisation
         buffer = _buffer_of(hidden, self.lsg.num_global_tokens, padding)
         if buffer is not None:  # GlobalRowsInFront already wrote [globals; tokens; padding]
             hidden = buffer
         else:
-            if padding:
-                hidden = F.pad(hidden, (0, 0, 0, padding))
+            hidden = pad_tokens(hidden, padding)
             globals_ = self.global_rows(self.lsg.num_global_tokens, batch).to(hidden.dtype)
             hidden = torch.cat([globals_, hidden], dim=1)
         kwargs["attention_mask"] = None
@@ -113,6 +118,19 @@ class BertEncoderInput(LSGHook):
             cache.start(real, length, real + self.position_offset if following is None else following)
         kwargs[CALL_KEYWORD] = replace(call, row_order=row_order, cache=cache)
         return (hidden, *args[1:]), kwargs
+
+
+class ExportedTokenMask(LSGHook):
+    """Base-model pre-hook of encoders, under torch.export only: the caller's 2-D attention mask goes to the encoder
+    hook through the model's **kwargs, and the model gets none, so the exported graph holds no (n, n) mask built
+    from it (the model would build one for its own attention, which LSG layers do not read)."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        mask = get_argument(module, args, kwargs, "attention_mask") if exporting() else None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return None
+        args, kwargs = set_argument(module, args, kwargs, "attention_mask", None)
+        return args, {**kwargs, TOKEN_MASK_KEYWORD: mask}
 
 
 class GlobalRowsInFront(LSGHook):
