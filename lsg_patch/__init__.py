@@ -5,6 +5,7 @@
 from .api import from_lsg, is_lsg_model, to_lsg
 from .config import LSGConfig
 from .context import enabled, from_pretrained
+from .export import export_onnx
 from .inference import architecture_support
 from .options import ConversionOptions
 from .pattern import attention_pattern, plot_pattern
@@ -19,6 +20,7 @@ __all__ = [
     "architecture_support",
     "attention_pattern",
     "enabled",
+    "export_onnx",
     "from_lsg",
     "from_pretrained",
     "is_lsg_model",

@@ -3,6 +3,7 @@
     lsg-patch convert path/to/model out/dir --max-length 4096 --architecture RobertaForSequenceClassification \
         --lsg '{"sparsity_type": "lsh", "block_size": 32}'
     lsg-patch info out/dir
+    lsg-patch export out/dir out/onnx                            # OUT/model.onnx for onnxruntime
     lsg-patch run --max-length 4096 -- python train.py ARGS     # a script that knows nothing of lsg_patch
 
 Bad input ends the command with one line on stderr and exit status 1 (2 for unusable command-line syntax);
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lsg_flags(run.add_argument_group("LSG options for plain checkpoints converted on load"))
     _add_seeding_flags(run.add_argument_group("global tokens of plain checkpoints converted on load"))
     run.add_argument("program", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command to run, after --")
+    _add_export_command(commands)
     return parser
 
 
@@ -134,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             convert(args)
         elif args.command == "run":
             run(args)
+        elif args.command == "export":
+            export(args)
         else:
             info(args)
     except (ValueError, OSError) as error:
@@ -365,6 +369,37 @@ def run(args: argparse.Namespace) -> None:
     if args.max_length is not None:
         options["max_length"] = args.max_length
     execute(command, options)
+
+
+# --- export -----------------------------------------------------------------------------------------------
+
+
+def _add_export_command(commands: Any) -> None:
+    export_parser = commands.add_parser(
+        "export", help="write OUT/model.onnx (dynamic batch and length), the config and the tokenizer",
+        description="Export an LSG checkpoint (or a plain one converted with --max-length) to ONNX for onnxruntime: "
+        "OUT/model.onnx with dynamic batch and length, plus the config and tokenizer; a sentence-transformers folder "
+        "also gets OUT/sentence_embedding.onnx (pooling and normalisation included).",
+    )  # fmt: skip
+    export_parser.add_argument("input", help="LSG checkpoint folder, or a plain one with --max-length")
+    export_parser.add_argument("output", help="folder to write (must not exist unless --overwrite)")
+    export_parser.add_argument("--max-length", type=int, default=None,
+                               help="convert a plain checkpoint to this many tokens first (as convert does)")  # fmt: skip
+    export_parser.add_argument("--lsg", metavar="JSON", default=None, help="LSG options as a JSON object")
+    _add_lsg_flags(export_parser.add_argument_group("LSG options of the conversion (default: the saved ones)"))
+    export_parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    export_parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+
+def export(args: argparse.Namespace) -> None:
+    from .export import export_onnx
+
+    if args.max_length is not None and args.max_length < 1:
+        raise ValueError(f"--max-length {args.max_length} is not accepted: give a positive number of tokens")
+    _check_output(Path(args.input), Path(args.output), args.overwrite)
+    out = export_onnx(args.input, args.output, max_length=args.max_length, opset=args.opset,
+                      overwrite=args.overwrite, **lsg_options(args))
+    print(f"{PROG}: done: {', '.join(sorted(p.name for p in out.iterdir()))} in {out}")
 
 
 # --- info -------------------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ Kernels (`Kernel`), chosen from the backend and what the call needs:
   (`product._BlockAttention`), for CPU training without dropout.
 * ``portable_sdpa``: public SDPA over each block's gathered key set, with plain autograd (`product._portable_attention`).
 * ``triton``: the fused kernels of the ``triton`` backend, dropout and a training bias included (`triton_kernels.py`).
+* ``exportable``: what `torch.export` (and the ONNX exporter built on it) traces: explicit scores over every block's
+  key set from static-shape gathers and concatenations, with no data-dependent branch and the block path at every
+  length (`product._exportable_attention`). `torch.jit.trace` is refused: it would record the Python branches of one
+  input length (block padding, full or block path) as constants.
 
 The environment variable is read once per call, so it can change at run time.
 """
@@ -46,6 +50,21 @@ class Kernel(enum.Enum):
     CPU_FLASH = "cpu_flash"
     PORTABLE_SDPA = "portable_sdpa"
     TRITON = "triton"
+    EXPORTABLE = "exportable"
+
+
+JIT_TRACE_REFUSED = (
+    "torch.jit.trace (and torch.onnx.export(..., dynamo=False), which uses it) cannot record LSG attention: its block "
+    "padding and its full-or-block path depend on the input length, which a trace would fix to the traced one. "
+    "Use torch.export.export (lsg_patch.export.export_program sets the dynamic batch and length) or "
+    "lsg_patch.export_onnx / `lsg-patch export` for ONNX"
+)
+
+
+def exporting() -> bool:
+    """Whether torch.export (or an exporter built on it) is tracing: the hooks and the product then take the path
+    whose shapes follow the input length symbolically (always whole blocks, always the block path)."""
+    return torch.compiler.is_exporting()
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,7 @@ class AttentionCall:
     grouped_keys: fewer key heads than query heads; side_keys_per_key_head: the sparsity type's side keys depend
     on their key head alone (none, raw, norm, pooling), so one key head's key set can serve its query heads;
     needs_input_grad: autograd will ask for query/key/value gradients; bias_trains: a relative-bias table that
-    takes a gradient.
+    takes a gradient; exporting: torch.export traces the call; jit_tracing: torch.jit.trace does (refused).
     """
 
     device: torch.device
@@ -67,6 +86,8 @@ class AttentionCall:
     has_bias: bool = False
     bias_trains: bool = False
     needs_input_grad: bool = False
+    exporting: bool = False
+    jit_tracing: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,8 +164,18 @@ def choose_kernel(call: AttentionCall) -> KernelChoice:
     On the CPU the blocked kernel also serves inference (the flash path's per-layer copies of the windows and side
     keys would set the peak memory; the blocked kernel is as fast there and holds a few blocks at a time) and a
     bias table that trains (the flash backward has no bias gradient).
+
+    Under torch.export every call takes the exportable kernel (keys repeated to the query heads); attention dropout
+    is refused there (its keep-mask draws a seed per call), as is torch.jit.trace.
     """
+    if call.jit_tracing:
+        raise RuntimeError(JIT_TRACE_REFUSED)
     backend = backend_for(call.device)
+    if call.exporting:
+        if call.dropout:
+            raise ValueError("attention dropout cannot be exported (its keep-mask draws a new seed every call): "
+                             "export the model in eval mode (model.eval())")
+        return KernelChoice(Kernel.EXPORTABLE, False, backend)
     if not call.block_path:
         shares = call.grouped_keys and not call.has_bias and not call.dropout
         return KernelChoice(Kernel.FULL_EXPLICIT if call.dropout else Kernel.FULL_SDPA, shares, backend)

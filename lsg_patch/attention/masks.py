@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import exporting
 from .layout import AttentionLayout
 from .sparse import ITEM_KINDS, POSITION_KINDS, group_mask, sparse_kind, sparse_step, sparse_token_positions
 
@@ -62,12 +63,16 @@ def prepare_mask(token_mask: torch.Tensor, layout: AttentionLayout) -> LSGMask:
     # A data-dependent shortcut: eager mode skips padding-only masks when nothing is padded; under
     # torch.compile it would break the graph (and specialise on the batch), so compiled code keeps the masks.
     any_masked = torch.compiler.is_compiling() or not bool(token_mask.all())
-    if layout.uses_full_attention(t):
+    # torch.export: the block path at every length (T is whole blocks there), see `_sparse_keys_of_long_inputs`
+    export = exporting()
+    if not export and layout.uses_full_attention(t):
         return LSGMask(token_mask, full[:, None, None], None, None, any_masked=any_masked)
-    if t % layout.block_size:
+    if not export and t % layout.block_size:
         raise ValueError(f"{t} tokens is not a multiple of block_size={layout.block_size}; LSG attention needs "
                          "inputs longer than 2 blocks padded to whole blocks (adaptive padding)")
     index, exists = block_key_index(layout, t, token_mask.device)
+    if export and layout.has_sparse_keys:
+        exists = exists & _sparse_keys_of_long_inputs(layout, index.shape[-1], t, index.device)
     blocks = _source_mask(full, layout)[:, index] & exists
     local = local_columns(layout)
     side = torch.cat([torch.arange(local.start, device=index.device),
@@ -76,6 +81,19 @@ def prepare_mask(token_mask: torch.Tensor, layout: AttentionLayout) -> LSGMask:
     if sparse_kind(layout) in ITEM_KINDS:  # items follow the globals directly in the side source
         side_index = torch.where(side_index >= layout.num_global_tokens + t, side_index - t, side_index)
     return LSGMask(token_mask, full[:, None, None], side_index, blocks[..., side], blocks[:, 0, :, local], any_masked)
+
+
+def _sparse_keys_of_long_inputs(layout: AttentionLayout, key_count: int, num_tokens: int, device: torch.device
+                                ) -> torch.Tensor:
+    """(K,) bool over a block's key set: False at the sparse keys of inputs of at most two blocks, as a tensor (no
+    branch on the length). With them masked, the block path equals the full path there: every token is in every
+    block's local window, and the only sparse keys that exist at <= 2 blocks (an odd step's after window, shifted
+    into the local window) are duplicates of local keys, which the full path does not have."""
+    local = local_columns(layout)
+    columns = torch.arange(key_count, device=device)
+    sparse = (columns >= layout.num_global_tokens) & ((columns < local.start) | (columns >= local.stop))
+    long_input = (torch.arange(num_tokens // layout.block_size, device=device) >= 2).any()
+    return ~sparse | long_input
 
 
 def local_columns(layout: AttentionLayout) -> slice:
@@ -89,13 +107,13 @@ def block_key_index(layout: AttentionLayout, num_tokens: int, device: torch.devi
     """(R, B, K) source position of every key of every block, and whether that position exists."""
     g, bs, t = layout.num_global_tokens, layout.block_size, num_tokens
     block = torch.arange(t // bs, device=device)[:, None]
-    globals_ = torch.arange(g, device=device).expand(len(block), g)
+    globals_ = torch.arange(g, device=device).expand(block.shape[0], g)  # not len(): a symbolic count under export
     local = (block - 1) * bs + torch.arange(3 * bs, device=device)
     local_exists = (local >= 0) & (local < t)
     parts = [(globals_, torch.ones_like(globals_, dtype=torch.bool)),
              (torch.where(local_exists, g + local, 0), local_exists)]
     if layout.has_sparse_keys:
-        before, after = sparse_windows(layout, len(block), device)
+        before, after = sparse_windows(layout, block.shape[0], device)
         parts.insert(1, _item_sources(before, layout, t))
         parts.append(_item_sources(after, layout, t))
     r = _residues(layout)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .backends import AttentionCall, Kernel, choose_kernel
+from .backends import AttentionCall, Kernel, choose_kernel, exporting
 from .bias import RelativeBias
 from .blocked import BlockedAttention, rows_addressable
 from .dropout import check_probability, draw_seed, dropout_codes, keep_mask, key_codes, row_codes
@@ -88,7 +88,8 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
         device=query.device, block_path=mask.index is not None, dropout=dropout_p > 0,
         grouped_keys=key_heads != heads, side_keys_per_key_head=sparse_kind(layout) in KEY_HEAD_KINDS,
         has_bias=bias is not None, bias_trains=bias is not None and bias.table.requires_grad,
-        needs_input_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))))
+        needs_input_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value)),
+        exporting=exporting(), jit_tracing=torch.jit.is_tracing()))
     if key_heads != heads and not choice.shares_key_heads:
         key, value = (x.repeat_interleave(heads // key_heads, dim=1) for x in (key, value))
         key_heads = heads
@@ -107,6 +108,9 @@ def lsg_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
         local_scores = local_scores + _local_bias(bias, layout.block_size, width, query.dtype)
         side_scores = side_scores + _side_bias(bias, rows, layout, mask.num_tokens // layout.block_size,
                                                  causal, query.dtype)
+    if choice.kernel is Kernel.EXPORTABLE:
+        return _exportable_attention(query, key, value, side_keys, side_values, rows, local_scores, side_scores,
+                                     full_mask, g, layout.block_size, width, scale, causal)
     plan = Plan(g, layout.block_size, width, scale, rows, _folded(local_scores, n, key_heads),
                 _folded(side_scores, n, key_heads), None if causal or full_mask is None
                 else _additive(full_mask, query.dtype), causal)
@@ -169,7 +173,9 @@ def _side_sources(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, m
     index, blocks = mask.index, mask.blocks
     if causal:
         width = local_columns(layout).start
-        index, blocks = index[..., :width], blocks[..., :width]
+        # index_select, not a slice: flattened below, which copies either way, and traces without size guards
+        index = index.index_select(-1, torch.arange(width, device=index.device))
+        blocks = blocks[..., :width]
     if index.shape[0] > 1:  # per-head patterns (stride types): spread over the heads
         pattern = torch.arange(h, device=index.device) % index.shape[0]
         index, blocks = index[pattern], blocks[:, pattern]
@@ -356,6 +362,44 @@ def _portable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return torch.cat([global_rows, token_rows.reshape(n, h, -1, d)], dim=2)
 
 
+def _exportable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          side_keys: torch.Tensor | None, side_values: torch.Tensor | None, rows: torch.Tensor,
+                          local_scores: torch.Tensor, side_scores: torch.Tensor, full_mask: torch.Tensor | None,
+                          g: int, block_size: int, width: int, scale: float, causal: bool) -> torch.Tensor:
+    """The block path as torch.export traces it: explicit scores over every block's key set, built with static-shape
+    gathers and concatenations (no strided views, no Python branch on the length), so one graph serves every length.
+
+    local_scores (batch, 1 or heads, B, 1 or bs, width) and side_scores (batch, 1 or heads, B, 1 or bs, Ks) are the
+    additive masks (plus bias) of the two parts; full_mask the (batch, 1, 1, G + T) key mask of the global queries.
+    Scores are (batch, heads, B, bs, width + Ks): linear in the length.
+    """
+    n, h, length, d = query.shape
+    # contiguous: matmul would fold the batch dimensions of a strided view, and the tracer specialise on batch 1
+    key, value = (x.contiguous() for x in (key, value))
+    query = query.contiguous() * scale  # scaled once, not every score: one pass less over the (.., width + Ks) scores
+    keys = g if causal else length
+    global_scores = query[:, :, :g] @ key[:, :, :keys].transpose(-1, -2)
+    if full_mask is not None and not causal:
+        global_scores = global_scores + _additive(full_mask, query.dtype)
+    global_rows = global_scores.softmax(dim=-1) @ value[:, :, :keys]
+    blocks = (length - g) // block_size
+    keys_, values_ = (torch.cat([_stacked_windows(x, g, block_size, width),
+                                 _gather(x if s is None else s, rows, blocks).unflatten(0, (n, h))], dim=3)
+                      for x, s in ((key, side_keys), (value, side_values)))
+    queries = query[:, :, g:].contiguous().unflatten(2, (-1, block_size))
+    scores = queries @ keys_.transpose(-1, -2) + _cat_masks(local_scores, side_scores)
+    token_rows = scores.softmax(dim=-1) @ values_
+    return torch.cat([global_rows, token_rows.flatten(2, 3)], dim=2)
+
+
+def _stacked_windows(x: torch.Tensor, g: int, block_size: int, width: int) -> torch.Tensor:
+    """`_windows` without strided views, for exporters: (batch, heads, G + T, d) -> (batch, heads, B, width, d), block
+    i's window tokens (i-1)*bs .. (i-1)*bs + width, as width / bs shifted slices of the zero-padded token blocks."""
+    padded = F.pad(x[:, :, g:], (0, 0, block_size, block_size)).unflatten(2, (-1, block_size))
+    blocks = padded.shape[2] - 2
+    return torch.cat([padded[:, :, s:s + blocks] for s in range(width // block_size)], dim=3)
+
+
 def _local_bias(bias: RelativeBias, block_size: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """(1, heads, 1, bs, width) bias of the local window, the same for every block: window column c of block i is
     token (i-1)*bs + c, so its key - query distance from row r is c - bs - r."""
@@ -374,7 +418,8 @@ def _side_bias(bias: RelativeBias, rows: torch.Tensor, layout: AttentionLayout, 
     clamped). When the buckets cannot tell the side keys' distances apart (`_bias_by_direction`) the bias is one
     value per head and direction, and nothing of size B * bs * Ks is built.
     """
-    by_direction = _bias_by_direction(bias, layout, blocks, causal, dtype)
+    # under export the block count is symbolic and the bucket check below would read data: the general bias is exact
+    by_direction = None if exporting() else _bias_by_direction(bias, layout, blocks, causal, dtype)
     if by_direction is not None:
         return by_direction
     g, bs = layout.num_global_tokens, layout.block_size

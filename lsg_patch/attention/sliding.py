@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backends import exporting
+
 
 def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor,
                              window: int, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
@@ -39,6 +41,8 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         raise ValueError(f"key_mask must be a ({batch}, {length}) bool tensor, got {key_mask.dtype} with shape "
                          f"{tuple(key_mask.shape)}")
     chunk = max(window, 1)
+    if exporting():
+        return _exportable_sliding(query, key, value, key_mask, window, chunk, scale)
     blocks = -(-length // chunk)
     span = chunk + 2 * window
     tail = blocks * chunk - length
@@ -61,3 +65,34 @@ def sliding_window_attention(query: torch.Tensor, key: torch.Tensor, value: torc
                                             dropout_p=dropout_p, scale=scale, enable_gqa=kv_heads != heads)
     output = output.unflatten(0, (batch, blocks)).masked_fill(~seen[:, :, None], 0)  # (batch, blocks, h, chunk, d)
     return output.transpose(2, 3).reshape(batch, blocks * chunk, heads, dim)[:, :length].transpose(1, 2)
+
+
+def _exportable_sliding(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor,
+                        window: int, chunk: int, scale: float | None) -> torch.Tensor:
+    """The same attention as torch.export traces it (inference, no dropout): the zero padding written by index_copy
+    into whole chunks, the windows as span / chunk shifted slices of the chunks rather than a strided view, explicit
+    scores (batch, heads, blocks, chunk, span); keys repeated to the query heads."""
+    batch, heads, length, dim = query.shape
+    scale = dim ** -0.5 if scale is None else scale
+    pieces = 3 if window else 1  # span = chunk + 2 * window: 3 chunks (chunk = window), or 1 (window 0)
+    key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
+    blocks = (length + chunk - 1) // chunk
+    positions = torch.arange(length, device=query.device)
+
+    def stacked(x: torch.Tensor, dim: int) -> torch.Tensor:
+        """x placed after `window` zero rows in whole chunks along dim, then block i's span rows next to each other."""
+        shape = (*x.shape[:dim], (blocks + pieces - 1) * chunk, *x.shape[dim + 1:])
+        chunks = x.new_zeros(shape).index_copy(dim, positions + window, x).unflatten(dim, (-1, chunk))
+        count = chunks.shape[dim] - (pieces - 1)
+        return torch.cat([chunks.narrow(dim, s, count) for s in range(pieces)], dim=dim + 1)
+
+    queries = query.new_zeros(batch, heads, blocks * chunk, dim).index_copy(2, positions, query).unflatten(2, (-1, chunk))
+    rows = torch.arange(chunk, device=query.device)[:, None]
+    columns = torch.arange(chunk * pieces, device=query.device)
+    band = (columns >= rows) & (columns <= rows + 2 * window)
+    mask = stacked(key_mask, 1)[:, :, None, :] & band  # (batch, blocks, chunk, span)
+    seen = mask.any(-1, keepdim=True)
+    scores = queries @ stacked(key, 2).transpose(-1, -2) * scale
+    scores = scores.masked_fill(~mask[:, None], torch.finfo(scores.dtype).min)
+    output = (scores.softmax(dim=-1) @ stacked(value, 2)).masked_fill(~seen[:, None], 0)
+    return output.flatten(2, 3).index_select(2, positions)

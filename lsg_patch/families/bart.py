@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..attention.backends import exporting
 from ..hooks import LSGHook
 from ..registry_paths import get_submodule
 from ..seam import CALL_KEYWORD
 from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
-                   build_call, get_argument, refuse_attention_weights, set_argument, token_mask_from,
+                   build_call, get_argument, pad_tokens, refuse_attention_weights, set_argument, token_mask_from,
                    with_global_rows)
 
 if TYPE_CHECKING:
@@ -81,13 +82,12 @@ class EncoderInput(LSGHook):
         token_mask = token_mask_from(get_argument(module, args, kwargs, "attention_mask"), batch, length, reference.device)
         padding = block_padding(length, self.lsg)
         if input_ids is not None:
-            if padding:
-                input_ids = torch.cat([input_ids, input_ids.new_full((batch, padding), self._pad_id(length))], dim=1)
+            if exporting() or padding:
+                input_ids = pad_tokens(input_ids, padding, self._pad_id(length))
             embeds = self.token_embeddings(module, input_ids)
-        elif padding:  # padded rows are masked and trimmed, so their content is never seen
-            embeds = torch.cat([embeds, embeds.new_zeros(batch, padding, embeds.shape[-1])], dim=1)
-        if padding:
-            token_mask = torch.cat([token_mask, token_mask.new_zeros(batch, padding)], dim=1)
+        else:  # padded rows are masked and trimmed, so their content is never seen
+            embeds = pad_tokens(embeds, padding)
+        token_mask = pad_tokens(token_mask, padding, False)
         kwargs = {**kwargs, CALL_KEYWORD: build_call(token_mask, length, self.lsg)}
         args, kwargs = set_argument(module, args, kwargs, "input_ids", None)
         args, kwargs = set_argument(module, args, kwargs, "attention_mask", None)

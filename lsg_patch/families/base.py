@@ -9,9 +9,11 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..attention import prepare_mask
+from ..attention.backends import exporting
 from ..hooks import LSGHook
 from ..registry import FamilyAdapter  # the interface lives beside ArchitectureEntry; imported here for the families
 from ..seam import CALL_KEYWORD, LSGCall
@@ -144,7 +146,14 @@ def set_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value:
 
 
 def block_padding(length: int, lsg: "LSGConfig") -> int:
-    """How many masked positions adaptive padding appends (docs/LSG_SPEC.md section 5)."""
+    """How many masked positions adaptive padding appends (docs/LSG_SPEC.md section 5). Under torch.export, up to
+    whole blocks at every length (the exported graph always takes the block path), as a symbolic size that callers
+    apply with `pad_tokens` whatever its value (a branch on it would fix the length)."""
+    if exporting():
+        if not lsg.adaptive:
+            raise ValueError("a model converted with adaptive=False refuses lengths that are not whole blocks, which "
+                             "an exported graph cannot check: convert with adaptive=True to export it")
+        return lsg.block_size * ((length + lsg.block_size - 1) // lsg.block_size) - length
     if length <= 2 * lsg.block_size or length % lsg.block_size == 0:
         return 0
     if not lsg.adaptive:
@@ -153,6 +162,20 @@ def block_padding(length: int, lsg: "LSGConfig") -> int:
             f"of {lsg.block_size}, or convert with adaptive=True to let lsg_patch pad it"
         )
     return lsg.block_size - length % lsg.block_size
+
+
+def pad_tokens(x: torch.Tensor, padding: int, value: float | bool = 0) -> torch.Tensor:
+    """x (batch, T, ...) with `padding` rows of `value` appended along dim 1 (x itself when there are none).
+
+    Under torch.export the rows are written into a tensor of T + padding rows (index_copy): its size, whole blocks,
+    is one the tracer can cut into blocks, where F.pad's would need a proof that the padding is >= 0."""
+    if exporting():
+        tokens = x.shape[1]
+        padded = x.new_full((x.shape[0], tokens + padding, *x.shape[2:]), value)
+        return padded.index_copy(1, torch.arange(tokens, device=x.device), x)
+    if not padding:
+        return x
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, padding), value=value)
 
 
 def mask_first(token_mask: torch.Tensor) -> torch.Tensor:
@@ -332,6 +355,8 @@ class OutputTrim(LSGHook):
         length = call.num_tokens
         hidden = output[0]
         count = self.num_global_tokens
+        if exporting():  # rows by index: a slice's size would be min(length, padded length), unprovably length
+            hidden = hidden.index_select(1, torch.arange(count + length, device=hidden.device))
         if self.keep_globals:
             kept = in_caller_order(hidden[:, : count + length], call.row_order)
         else:

@@ -15,14 +15,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
-from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument,
+from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument, pad_tokens,
                    refuse_attention_weights, set_argument, token_inputs, token_mask_from, token_rows,
                    trimmed_hidden_states)
 from .caching import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last,
@@ -108,6 +107,7 @@ class BertEncoderInput(LSGHook):
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         row_order = kwargs.pop(ROW_ORDER_KEYWORD, None)
+        given_mask = kwargs.pop(TOKEN_MASK_KEYWORD, None)
         following = kwargs.pop(NEXT_POSITIONS_KEYWORD, None)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         batch, length, _ = hidden.shape
@@ -123,14 +123,12 @@ class BertEncoderInput(LSGHook):
         if token_mask is None:  # the encoder called on its own: the mask transformers prepared
             token_mask = token_mask_from(kwargs.get("attention_mask"), batch, length, hidden.device, self.causal)
         padding = block_padding(length, self.lsg)
-        if padding:  # F.pad, not cat with a new (batch, padding) tensor: no shape specialisation under compile
-            token_mask = F.pad(token_mask, (0, padding), value=False)
+        token_mask = pad_tokens(token_mask, padding, False)  # no new (batch, padding) tensor: no specialisation
         buffer = _buffer_of(hidden, self.lsg.num_global_tokens, padding)
         if buffer is not None:  # GlobalRowsInFront already wrote [globals; tokens; padding]
             hidden = buffer
         else:
-            if padding:
-                hidden = F.pad(hidden, (0, 0, 0, padding))
+            hidden = pad_tokens(hidden, padding)
             globals_ = self.global_rows(self.lsg.num_global_tokens, batch).to(hidden.dtype)
             hidden = torch.cat([globals_, hidden], dim=1)
         kwargs["attention_mask"] = None

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..attention.backends import exporting
 from ..seam.cache import LSGCache
 from .base import forward_parameters, get_argument
 
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
 
 NO_CACHE = ("bidirectional LSG attention keeps no key/value cache (only causal stacks do: decoder-only LMs); call "
             "the model with use_cache=False")
+
+
+EXPORT_NO_CACHE = ("generation with the LSGCache cannot be exported: the cache grows and is read by position at every "
+                   "step, in Python. Export the forward without a cache (use_cache=False) and generate in PyTorch")
 
 
 def cache_keyword(accepts: Any) -> str | None:
@@ -45,6 +50,10 @@ def resolve_cache(module: nn.Module, args: tuple, kwargs: dict, lsg: "LSGConfig"
     if not causal:
         if use_cache or given is not None:
             raise ValueError(NO_CACHE)
+        return None
+    if exporting():  # the exported forward is the one without a cache
+        if use_cache or given is not None:
+            raise ValueError(EXPORT_NO_CACHE)
         return None
     if isinstance(given, LSGCache):
         if given.layout is None:  # LSGCache(): made for whichever model it is passed to first
@@ -85,8 +94,9 @@ def cache_arguments(module: nn.Module, kwargs: dict, cache: LSGCache | None) -> 
 
 def padding_last(token_mask: torch.Tensor) -> torch.Tensor | None:
     """(batch, T) order that puts each row's real tokens first, in their order, and its masked tokens after them;
-    None when every row already is so (no padding, or right padding)."""
-    if bool((token_mask[:, 1:] <= token_mask[:, :-1]).all()):
+    None when every row already is so (no padding, or right padding). Under torch.export always the order (the
+    check reads data)."""
+    if not exporting() and bool((token_mask[:, 1:] <= token_mask[:, :-1]).all()):
         return None
     return torch.argsort((~token_mask).to(torch.uint8), dim=1, stable=True)
 

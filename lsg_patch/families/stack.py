@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.backends import exporting
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
 from ..seam.cache import LSGCache
 from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
-                   build_call, forward_parameters, get_argument, refuse_attention_weights, set_argument,
+                   build_call, forward_parameters, get_argument, pad_tokens, refuse_attention_weights, set_argument,
                    tables_see_globals, token_inputs, token_mask_from, with_global_rows)
 from .caching import (cache_arguments, new_tokens_are_real, next_positions, padding_last, positions_after_gaps,
                       resolve_cache, room_for, take_rows)
@@ -125,9 +126,7 @@ class StackInput(LSGHook):
             embeds, token_mask, given_positions, token_types = (
                 take_rows(x, row_order) for x in (embeds, token_mask, given_positions, token_types))
         padding = block_padding(length, self.lsg)
-        if padding:
-            embeds = F.pad(embeds, (0, 0, 0, padding))
-            token_mask = F.pad(token_mask, (0, padding), value=False)
+        embeds, token_mask = pad_tokens(embeds, padding), pad_tokens(token_mask, padding, False)
         count = self.lsg.num_global_tokens
         call = build_call(token_mask, length, self.lsg)
         if cache is not None:
@@ -139,9 +138,11 @@ class StackInput(LSGHook):
                    "position_ids": self._positions(given_positions, length, padding, embeds.device)}
         if self.keep_sliding_window_layers:
             changes["attention_mask"] = _layer_type_masks(module.config)
+        elif exporting():  # traced, transformers would build a dense (n, n) mask for None; it keeps a prepared one
+            changes["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=embeds.device)
         changes.update(cache_arguments(module, kwargs, cache))
         if token_types is not None:
-            changes["token_type_ids"] = F.pad(token_types.expand(batch, -1), (count, padding))
+            changes["token_type_ids"] = pad_tokens(F.pad(token_types.expand(batch, -1), (count, 0)), padding)
         return changes
 
     def _continue(self, module: nn.Module, args: tuple, kwargs: dict, cache: LSGCache, embeds: torch.Tensor
@@ -169,8 +170,10 @@ class StackInput(LSGHook):
         """Position ids of [globals; tokens; padding] (see the module docstring), always explicit: with a cache the
         model would count from the cache's length, which already includes this prompt."""
         tokens = torch.arange(length, device=device)[None] if given is None else given
-        if padding:  # masked and trimmed: the last token's position, which a learned table always has
-            tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, padding)], dim=1)
+        if padding or exporting():  # masked and trimmed: the last token's position, which a learned table always has
+            # where() over whole blocks, not cat with a (batch, padding) tensor: no size the tracer cannot prove >= 0
+            in_padding = torch.arange(length + padding, device=device) >= length
+            tokens = torch.where(in_padding, tokens[:, -1:], pad_tokens(tokens, padding))
         count = self.lsg.num_global_tokens
         if self.position_kind == "rotary":
             return torch.cat([torch.arange(count, device=device).expand(tokens.shape[0], -1), tokens + count], dim=1)
