@@ -5,6 +5,7 @@
 from .api import is_lsg_model, to_lsg
 from .config import LSGConfig
 from .context import enabled
+from .late_chunking import ChunkedDocument, encode_chunks
 from .persistence import from_pretrained
 from .pattern import attention_pattern, plot_pattern
 from .seam.cache import LSGCache
@@ -13,11 +14,13 @@ from .swap import from_lsg
 
 __all__ = [
     "ArchitectureEntry",
+    "ChunkedDocument",
     "LSGCache",
     "LSGConfig",
     "architecture_support",
     "attention_pattern",
     "enabled",
+    "encode_chunks",
     "from_lsg",
     "from_pretrained",
     "is_lsg_model",
