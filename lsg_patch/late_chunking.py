@@ -275,7 +275,7 @@ def _window_states(encoder: _Encoder, documents: list[_Document], windows: list[
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     pad_id = encoder.tokenizer.pad_token_id if encoder.tokenizer.pad_token_id is not None else 0
     device = next(encoder.transformer.parameters()).device
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: callers may feed the embeddings to autograd
         for batch in tqdm(batches, desc="late chunking", unit="batch", disable=not show_progress_bar):
             width = len(inputs[batch[0]][2])
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
