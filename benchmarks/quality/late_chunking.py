@@ -7,7 +7,7 @@ late chunking inside 512-token windows knows when the `class` line is fewer than
 chunking over the whole file with LSG can know at any distance. Ceiling: each chunk embedded with the `class`
 line it lies under prepended. Recall@1 and MRR by the distance (in tokens) from the `class` line to the `def`.
 
-    python -m benchmarks.quality.late_chunking            # all-MiniLM-L6-v2, ~250k tokens of stdlib sources
+    python -m benchmarks.quality.late_chunking            # all-MiniLM-L6-v2, ~100k tokens of stdlib sources
     python -m benchmarks.quality.late_chunking --quick    # random tiny model, 3 files: checks the pipeline
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def scores_of(files: list[SourceFile], queries: torch.Tensor, chunks: list[torch
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=250_000, help="tokens of stdlib sources to read")
+    parser.add_argument("--tokens", type=int, default=100_000, help="tokens of stdlib sources to read")
     parser.add_argument("--quick", action="store_true", help="random tiny model, ~3 small files")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
