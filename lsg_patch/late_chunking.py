@@ -167,7 +167,8 @@ def _check_encoder(model: nn.Module) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type is None:
         raise ValueError(f"encode_chunks needs a transformers encoder; got a {type(model).__name__} without a config")
-    decoder_only = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    causal, masked = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    decoder_only = model_type in causal and model_type not in masked
     encoder_decoder = getattr(config, "is_encoder_decoder", False)
     if encoder_decoder or getattr(config, "is_decoder", False) or decoder_only:
         raise ValueError(f"encode_chunks needs a bidirectional encoder; {model_type!r} ({type(model).__name__}) is "
@@ -237,7 +238,8 @@ def _tiling_spans(offsets: list[Span], chunks: list[Span], text_length: int) -> 
     return [(starts[i], starts[i + 1]) for i in range(len(chunks))]
 
 
-def _span_chunks(offsets: list[Span], spans: Sequence[Span], text_length: int, index: int) -> tuple[list[Span], list[Span]]:
+def _span_chunks(offsets: list[Span], spans: Sequence[Span], text_length: int,
+                 index: int) -> tuple[list[Span], list[Span]]:
     """Token ranges of the caller's character spans: the tokens whose characters overlap the span."""
     chunks = []
     for span in spans:

@@ -181,7 +181,8 @@ def test_a_document_alone_or_padded_in_a_batch_gets_the_same_chunks(converted):
 
 
 @settings(**SETTINGS)
-@given(text=st.lists(st.sampled_from(list("ab .,\n!?'é") + ["word", "Chunk", "  "]), min_size=1, max_size=60).map("".join),
+@given(text=st.lists(st.sampled_from(list("ab .,\n!?'é") + ["word", "Chunk", "  "]), min_size=1,
+                    max_size=60).map("".join),
        chunk_size=st.integers(1, 12), chunk_by=st.sampled_from(["tokens", "sentences"]))
 def test_chunk_spans_tile_the_text_and_hold_at_most_chunk_size_tokens(text, chunk_size, chunk_by):
     model = tiny_st()

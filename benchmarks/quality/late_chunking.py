@@ -142,11 +142,13 @@ def naive_chunks(model, tokenizer, source: SourceFile, size: int, with_class_lin
     return embed_texts(model, tokenizer, pieces)
 
 
-def late_chunks(model, tokenizer, files: list[SourceFile], max_length: int, overlap: int) -> list[dict[int, torch.Tensor]]:
+def late_chunks(model, tokenizer, files: list[SourceFile], max_length: int,
+                overlap: int) -> list[dict[int, torch.Tensor]]:
     """Per file, per chunk size, its chunks' late-chunked embeddings from one encode_chunks pass."""
     spans = [[(f.offsets[s][0], f.offsets[e - 1][1]) for size in CHUNK_SIZES for s, e in token_chunks(len(f.ids), size)]
              for f in files]
-    chunked = lsg_patch.encode_chunks(model, [f.text for f in files], chunk_by="spans", spans=spans, tokenizer=tokenizer,
+    chunked = lsg_patch.encode_chunks(model, [f.text for f in files], chunk_by="spans", spans=spans,
+                                      tokenizer=tokenizer,
                                       pooling="mean", normalize=True, max_length=max_length, window_overlap=overlap,
                                       batch_size=4 if max_length <= WINDOW else 1)
     out = []

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"document. Command: `{command}`. Machine: {machine()}. Total {time.perf_counter() - start:.0f} s.")
     report = {"header": header, "seconds": seconds, "summary": summarize(scores, labels, order),
               "differences": paired_differences(scores, labels, order, compared),
-              "pairs": [{"distance": p.distance, "true": p.candidates[0], "distractor": p.candidates[1]} for p in pairs]}
+              "pairs": [{"distance": p.distance, "true": p.candidates[0], "distractor": p.candidates[1]}
+                        for p in pairs]}
     markdown = write(args.out, report, [("twin accuracy", "Twin accuracy"), ("mrr", "MRR over 100 keys")], order,
                      "distance d in tokens", "Split binding by distance between the two facts")
     print(markdown)
