@@ -6,6 +6,7 @@ from .api import from_lsg, is_lsg_model, to_lsg
 from .config import LSGConfig
 from .context import enabled, from_pretrained
 from .export import export_onnx
+from .late_chunking import ChunkedDocument, encode_chunks
 from .inference import architecture_support
 from .options import ConversionOptions
 from .pattern import attention_pattern, plot_pattern
@@ -14,12 +15,14 @@ from .registry import ArchitectureEntry, register, supported_architectures, unre
 
 __all__ = [
     "ArchitectureEntry",
+    "ChunkedDocument",
     "ConversionOptions",
     "LSGCache",
     "LSGConfig",
     "architecture_support",
     "attention_pattern",
     "enabled",
+    "encode_chunks",
     "export_onnx",
     "from_lsg",
     "from_pretrained",

@@ -29,7 +29,7 @@ def run_example(name: str, *argv: str):
 def test_every_example_is_covered():
     scripts = {path.stem for path in EXAMPLES.glob("*.py") if not path.stem.startswith("_")}
     assert scripts == {"classify_long_document", "fill_mask", "summarize_bart", "train_global_tokens",
-                       "convert_save_reload", "finetune_long", "generate_long"}  # finetune_long runs in tests/test_quality.py
+                       "convert_save_reload", "finetune_long", "generate_long", "late_chunking"}  # finetune_long runs in tests/test_quality.py
     assert [path.name for path in EXAMPLES.glob("*.ipynb")] == ["getting_started.ipynb"]
 
 
@@ -102,3 +102,12 @@ def test_generate_long(capsys):
     assert result["tokens"].shape == (8,)
     assert result["lsg_bytes"] < result["dense_bytes"] / 2  # 2048 tokens; the LSG cache holds about 450 rows
     assert "LSGCache:" in capsys.readouterr().out
+
+
+def test_late_chunking(capsys):
+    result = run_example("late_chunking", "--tiny")
+    spans = result["spans"]
+    assert len(spans) > 3 and spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert result["embeddings"].shape == (len(spans), 32) and len(result["best"]) == 3
+    torch.testing.assert_close(result["embeddings"].norm(dim=-1), torch.ones(len(spans)))
+    assert f"indexed {len(spans)} chunks" in capsys.readouterr().out

@@ -189,3 +189,68 @@ def test_finetuning_batches_are_windows_with_their_passage_and_one_kind_of_text(
             assert any(example.window[k: k + 64] == example.query for k in range(len(example.window) - 63))
         single_kind += len({s.rstrip("0123456789") for s in sources}) == 1
     assert single_kind >= 9  # only the remainders of each epoch mix kinds
+
+
+@pytest.mark.skipif(not machine_has_sources(), reason="needs /usr/share/doc, common-licenses and the stdlib")
+def test_quick_split_binding_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from benchmarks.quality.split_binding import main
+
+    report = main(["--quick", "--out", str(tmp_path)])
+    assert {"truncate-512", "chunk-mean-128", "best-chunk-256", "late512-best-256", "late-lsg-best-128",
+            "lsg"} <= set(report["summary"])
+    twin = report["summary"]["lsg"]["twin accuracy"]
+    assert twin["all"]["n"] == 2 and 0 <= twin["all"]["mean"] <= 1
+    assert all(0.01 <= s["mrr"]["all"]["mean"] <= 1 for s in report["summary"].values())
+    assert (tmp_path / "quality_by_distance.png").stat().st_size > 10_000
+    assert "Paired differences, Twin accuracy" in (tmp_path / "results.md").read_text()
+
+
+def test_split_binding_twin_swaps_only_the_maintainers():
+    import random
+
+    from benchmarks.quality.split_binding import make_pair
+
+    text = " ".join(f"w{i}" for i in range(400))
+    pair = make_pair(text, word_offsets(text), 256, random.Random(0))
+    true_key, distractor_key = pair.candidates[0].split()[-1].rstrip("."), pair.candidates[1].split()[-1].rstrip(".")
+    module = pair.candidates[0].split()[5]
+    for document in (pair.document, pair.twin):
+        assert re.findall(r"\bw\d+", document) == text.split()  # the original words all there, in order
+
+    def team_of(document: str) -> str:
+        return re.search(rf"Module {module} is maintained by team (\w+)\.", document).group(1)
+
+    assert f"Team {team_of(pair.document)}'s release key is {true_key}." in pair.document
+    assert f"Team {team_of(pair.twin)}'s release key is {distractor_key}." in pair.twin
+    assert re.sub(r"team \w+\.", "", pair.document) == re.sub(r"team \w+\.", "", pair.twin)  # only teams differ
+    between = pair.document.split("is maintained by")[-1].split("release key")[0]
+    assert 250 <= len(re.findall(r"\bw\d+", between)) <= 257  # d = 256 words between the two fact pairs
+
+
+@pytest.mark.skipif(not machine_has_sources(), reason="needs the stdlib sources")
+def test_quick_late_chunking_benchmark_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from benchmarks.quality.late_chunking import main
+
+    report = main(["--quick", "--out", str(tmp_path)])
+    assert {"naive-128", "late512-256", "late-lsg-128", "ceiling-256"} <= set(report["summary"])
+    assert report["summary"]["naive-128"]["recall@1"]["all"]["n"] == len(report["queries"]) > 5
+    assert all("." in q["query"].split(":")[0] for q in report["queries"])  # Class.method
+    assert (tmp_path / "quality_by_distance.png").stat().st_size > 10_000
+
+
+def test_late_chunking_queries_are_methods_defined_in_several_classes():
+    from benchmarks.quality.late_chunking import read_source
+
+    class Words:  # one token per word, offsets in characters
+        def __call__(self, text, **_):
+            spans = word_offsets(text)
+            return {"input_ids": list(range(len(spans))), "offset_mapping": spans}
+
+    source = ('class A:\n    def run(self):\n        """Run A."""\n\n    def only_a(self):\n        pass\n'
+              'class B:\n    x = 1\n    def run(self):\n        pass\n')
+    parsed = read_source("m.py", source, Words())
+    assert [q.text for q in parsed.queries] == ["A.run: Run A.", "B.run"]
+    assert [q.distance for q in parsed.queries] == [2, 5]  # words from the class line to the def line
+    assert [line for _, _, line in parsed.classes] == ["class A:", "class B:"]
