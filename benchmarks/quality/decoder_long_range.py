@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -86,7 +87,7 @@ QUICK = Settings(vocab_size=400, hidden_size=32, layers=2, heads=2, intermediate
 
 @dataclass
 class Corpus:
-    tokenizer: object
+    tokenizer: Tokenizer
     train: list[list[int]]          # BOS + ids of each augmented train file
     held_out: list[C.CodeFile]      # files of at least long_length tokens, the first eval_files of them
 
