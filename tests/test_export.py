@@ -14,7 +14,7 @@ import torch
 import lsg_patch
 from lsg_patch.attention.backends import AttentionCall, Kernel, choose_kernel
 from lsg_patch.export import EXPORT_REFUSALS, export_program
-from tests.test_architectures import build
+from tests.tiny_models import build
 
 ort = pytest.importorskip("onnxruntime")
 

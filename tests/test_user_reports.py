@@ -12,7 +12,8 @@ import torch
 
 import lsg_patch
 from lsg_patch import LSGCache
-from tests.test_architectures import LSG, MAX_LENGTH, build, head_class, tiny_config
+from tests.helpers import LSG, MAX_LENGTH
+from tests.tiny_models import build, head_class, tiny_config
 
 
 def ids_of(batch: int, length: int, seed: int = 0, vocab: int = 99) -> torch.Tensor:

@@ -107,7 +107,6 @@ class BertEncoderInput(LSGHook):
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         row_order = kwargs.pop(ROW_ORDER_KEYWORD, None)
-        given_mask = kwargs.pop(TOKEN_MASK_KEYWORD, None)
         following = kwargs.pop(NEXT_POSITIONS_KEYWORD, None)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         batch, length, _ = hidden.shape
