@@ -155,7 +155,8 @@ SEEDING_FLAGS = ("random_global_init", "global_positional_stride", "seed")
 
 def conversion_options(args: argparse.Namespace) -> ConversionOptions:
     """The options given as flags and in --lsg (an option given both ways, or an unknown name, raises)."""
-    flags = {name: getattr(args, name) for name in (*option_names(), *SEEDING_FLAGS) if getattr(args, name) is not None}
+    flags = {name: getattr(args, name) for name in (*option_names(), *SEEDING_FLAGS)
+             if getattr(args, name, None) is not None}  # export has no seeding flags
     parsed: dict[str, Any] = {}
     if args.lsg is not None:
         try:
@@ -398,7 +399,7 @@ def export(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-length {args.max_length} is not accepted: give a positive number of tokens")
     _check_output(Path(args.input), Path(args.output), args.overwrite)
     out = export_onnx(args.input, args.output, max_length=args.max_length, opset=args.opset,
-                      overwrite=args.overwrite, **lsg_options(args))
+                      overwrite=args.overwrite, **conversion_options(args).lsg_given())
     print(f"{PROG}: done: {', '.join(sorted(p.name for p in out.iterdir()))} in {out}")
 
 

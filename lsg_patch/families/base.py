@@ -72,6 +72,8 @@ def _rows_constant(allowed: torch.Tensor, causal: bool) -> torch.Tensor:
     mask, its last row (up to each query's own position when causal); refuses any other mask. Rows that see no key,
     and rows of masked queries that see every key (padding rows some builders unmask), are outputs nobody reads."""
     keys = allowed[:, 0, -1, :]
+    if exporting():  # an exported graph's mask input is 2-D, so a 4-D mask here is transformers' expansion of it
+        return keys  # (a model called through .forward, as sentence-transformers does, skips the hook reading it)
     queries, length = allowed.shape[-2:]
     if queries != length:
         raise ValueError(f"a 4-D attention mask of {queries} query rows and {length} keys is not accepted; LSG "

@@ -170,7 +170,7 @@ class StackInput(LSGHook):
         """Position ids of [globals; tokens; padding] (see the module docstring), always explicit: with a cache the
         model would count from the cache's length, which already includes this prompt."""
         tokens = torch.arange(length, device=device)[None] if given is None else given
-        if padding or exporting():  # masked and trimmed: the last token's position, which a learned table always has
+        if exporting() or padding:  # masked and trimmed: the last token's position, which a learned table always has
             # where() over whole blocks, not cat with a (batch, padding) tensor: no size the tracer cannot prove >= 0
             in_padding = torch.arange(length + padding, device=device) >= length
             tokens = torch.where(in_padding, tokens[:, -1:], pad_tokens(tokens, padding))
