@@ -7,11 +7,14 @@ from .config import LSGConfig
 from .context import enabled, from_pretrained
 from .export import export_onnx
 from .late_chunking import ChunkedDocument, encode_chunks
-from .inference import architecture_support
+from .architecture_inference import architecture_support
 from .options import ConversionOptions
 from .pattern import attention_pattern, plot_pattern
-from .seam.cache import LSGCache
+from .seam.lsg_cache import LSGCache
+from .moved_modules import alias_moved_modules
 from .registry import ArchitectureEntry, register, supported_architectures, unregister
+
+alias_moved_modules()
 
 __all__ = [
     "ArchitectureEntry",

@@ -47,7 +47,7 @@ from torch import nn
 
 from .api import convert_with_options  # the public to_lsg: it also raises a given tokenizer's length
 from .config import has_lsg_settings, option_names
-from .inference import entry_for
+from .architecture_inference import entry_for
 from .options import ConversionOptions
 from .persistence import drop_reference_code_map, model_class_for, saved_settings
 from .sentence import set_tokenizer_length

@@ -252,7 +252,7 @@ def _load_folder(folder: Path, max_length: int | None, tokenizer: Any, lsg_optio
         except (OSError, ValueError, TypeError, KeyError):
             tokenizer = None
     if not is_lsg or max_length is not None or lsg_options:
-        to_lsg(model, max_length=max_length or _max_length(model), tokenizer=tokenizer, **lsg_options)
+        to_lsg(model, max_length=max_length, tokenizer=tokenizer, **lsg_options)  # None: keeps the current one
     return model.eval(), tokenizer, None
 
 
@@ -276,14 +276,13 @@ def _inputs_of(model: nn.Module) -> tuple[str, ...]:
 
 
 def _max_length(model: nn.Module) -> int:
-    """The length the converted model accepts (what the length dimension ranges up to)."""
-    from .families.base import LengthCheck
+    """The length the converted model accepts (what the length dimension ranges up to), from its patch record."""
+    from .swap import record_of
 
-    for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, LengthCheck):
-                return hook.max_length
-    raise ValueError(f"{type(model).__name__} has no LSG length check: is it converted?")
+    record = record_of(_transformers_model(model))
+    if record is None:
+        raise ValueError(f"{type(model).__name__} is not an LSG model: convert it with lsg_patch.to_lsg first")
+    return record.max_length
 
 
 def _size_oblivious() -> Any:

@@ -4,7 +4,7 @@ An entry names module paths relative to the base model (`model.base_model`), how
 is stored, how the global tokens are seeded, and the family adapter that carries the forward-time
 behaviour (a FamilyAdapter, whose interface is defined here). Users add architectures with `register()`;
 nothing here touches tensors. Finding a model's entry (registered or inferred) and checking that it fits the
-model is the resolver's job: lsg_patch.inference.
+model is the resolver's job: lsg_patch.architecture_inference.
 """
 from __future__ import annotations
 
@@ -333,7 +333,7 @@ def unregister(model_type: str) -> None:
 
 def supported_architectures() -> dict[str, ArchitectureEntry]:
     """A copy of the registry: model_type -> entry. Types it does not name may still be inferred from a loaded
-    model's modules: `architecture_support(model)` (lsg_patch.inference) says which applies."""
+    model's modules: `architecture_support(model)` (lsg_patch.architecture_inference) says which applies."""
     return dict(_REGISTRY)
 
 
@@ -376,10 +376,10 @@ def _resolve_adapter(model_type: str, adapter: type[FamilyAdapter] | str) -> typ
 
 
 def __getattr__(name: str) -> Any:
-    """Import aliases: the resolver (`entry_for`, `architecture_support`) moved to lsg_patch.inference, which builds
+    """Import aliases: the resolver (`entry_for`, `architecture_support`) moved to lsg_patch.architecture_inference, which builds
     on this table (imported on first use, so this module imports nothing that imports it)."""
     if name in ("entry_for", "architecture_support"):
-        from . import inference
+        from . import architecture_inference
 
-        return getattr(inference, name)
+        return getattr(architecture_inference, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

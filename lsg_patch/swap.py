@@ -23,7 +23,7 @@ from .config import LSGConfig, option_names
 from . import seam
 from .global_tokens import GLOBAL_TABLE_ROWS, check_positional_stride, initial_global_table
 from .hooks import recording_hooks, remove_hooks
-from .inference import entry_for
+from .architecture_inference import entry_for
 from .options import ConversionOptions
 from .positions import replace_embedding_weight, resize_index_buffers, sinusoidal_table, tiled_table
 from .registry import ArchitectureEntry, FamilyAdapter

@@ -26,6 +26,7 @@ from lsg_patch.cli import main
 from lsg_patch.config import has_lsg_settings, option_names
 from lsg_patch.demo import PARAGRAPH, minilm_path
 from lsg_patch.hooks import LSGHook
+from lsg_patch.moved_modules import MOVED_MODULES
 from tests.tiny_models import tiny_config, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,6 +334,25 @@ def test_the_moved_public_names_keep_their_old_import_paths() -> None:
     assert lsg_patch.registry.architecture_support is lsg_patch.architecture_support
     assert lsg_patch.persistence.from_pretrained is lsg_patch.from_pretrained
     assert lsg_patch.families.base.FamilyAdapter is lsg_patch.registry.FamilyAdapter
+
+
+@pytest.mark.parametrize(("old", "new"), sorted(MOVED_MODULES.items()))
+def test_renamed_modules_keep_their_old_paths(old: str, new: str) -> None:
+    """Item 21: a renamed module still imports by its old name, as the same module (pickles name classes by it)."""
+    import importlib
+
+    assert importlib.import_module(old) is importlib.import_module(new)
+
+
+def test_a_cache_pickled_under_the_old_module_path_loads() -> None:
+    """An LSGCache pickled before seam/cache.py became seam/lsg_cache.py names its class by the old path."""
+    import pickle
+
+    from lsg_patch.seam.lsg_cache import LSGCache
+
+    payload = pickle.dumps(LSGCache(), protocol=2).replace(b"lsg_patch.seam.lsg_cache", b"lsg_patch.seam.cache")
+    assert b"lsg_patch.seam.cache\n" in payload
+    assert type(pickle.loads(payload)) is LSGCache
 
 
 def _imports(path: Path, module: str) -> set[str]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lsg_patch
-from lsg_patch.inference import infer_entry
+from lsg_patch.architecture_inference import infer_entry
 from tests.helpers import (LOCAL_LENGTH, LOCAL_LSG, LOCAL_PADDED, LSG, MAX_LENGTH, assert_seq2seq_matches_plain_modules,
                            batch_inputs, t5_oracle_encoder)
 from tests.tiny_models import TINY_CONFIGS, build, unregistered_model

@@ -36,17 +36,20 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
      Kernel.BLOCKED, True),
     ("auto-without-triton", AttentionCall(CUDA, block_path=True, dropout=True, grouped_keys=True, side_keys_per_key_head=True,
                            has_bias=True), Kernel.BLOCKED, False),
-    # CUDA with triton: the fused kernels on the block path, grouped keys shared where the side keys allow and no
-    # bias is per query head; the full path as before; the CPU never picks triton on its own
-    ("auto", AttentionCall(CUDA, block_path=True, needs_input_grad=True), Kernel.TRITON, False),
-    ("auto", AttentionCall(CUDA, block_path=True, dropout=True, needs_input_grad=True), Kernel.TRITON, False),
-    ("auto", AttentionCall(CUDA, block_path=True, grouped_keys=True, side_keys_per_key_head=True),
-     Kernel.TRITON, True),
-    ("auto", AttentionCall(CUDA, block_path=True, grouped_keys=True), Kernel.TRITON, False),
-    ("auto", AttentionCall(CUDA, block_path=True, grouped_keys=True, side_keys_per_key_head=True, has_bias=True,
-                           bias_trains=True), Kernel.TRITON, False),
+    # auto on CUDA where triton imports: still the portable kernels (the Triton backend is opt-in until measured)
+    ("auto", AttentionCall(CUDA, block_path=True, needs_input_grad=True), Kernel.PORTABLE_SDPA, False),
     ("auto", AttentionCall(CUDA, block_path=False, grouped_keys=True), Kernel.FULL_SDPA, True),
     ("auto", AttentionCall(CUDA, block_path=False, dropout=True), Kernel.FULL_EXPLICIT, False),
+    # triton forced on CUDA: the fused kernels on the block path, grouped keys shared where the side keys allow
+    # and no bias is per query head; the full path as before
+    ("triton", AttentionCall(CUDA, block_path=True, needs_input_grad=True), Kernel.TRITON, False),
+    ("triton", AttentionCall(CUDA, block_path=True, dropout=True, needs_input_grad=True), Kernel.TRITON, False),
+    ("triton", AttentionCall(CUDA, block_path=True, grouped_keys=True, side_keys_per_key_head=True),
+     Kernel.TRITON, True),
+    ("triton", AttentionCall(CUDA, block_path=True, grouped_keys=True), Kernel.TRITON, False),
+    ("triton", AttentionCall(CUDA, block_path=True, grouped_keys=True, side_keys_per_key_head=True, has_bias=True,
+                             bias_trains=True), Kernel.TRITON, False),
+    ("triton", AttentionCall(CUDA, block_path=False, grouped_keys=True), Kernel.FULL_SDPA, True),
     ("auto", AttentionCall(torch.device("mps"), block_path=True), Kernel.PORTABLE_SDPA, False),
     ("auto", AttentionCall(CPU, block_path=True, needs_input_grad=True), Kernel.CPU_FLASH, False),
     # triton forced on the CPU (under the interpreter: tests)

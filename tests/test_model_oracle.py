@@ -43,7 +43,7 @@ SPARSITY = {
 }
 
 
-# Inferred types: unregistered model types of every layout inference.py knows that transformers has (a registered
+# Inferred types: unregistered model types of every layout architecture_inference.py knows that transformers has (a registered
 # type renamed gives the same entry and outputs as the registered one: tests/test_inferred_layouts.py).
 INFERRED = ["ernie", "gemma", "olmo", "gpt_bigcode", "plbart", "marian", "switch_transformers"]
 

@@ -5,7 +5,8 @@ Backends (what LSG_PATCH_BACKEND names; ``auto``, the default, picks by the tens
 * ``cpu_fused``: kernels built on the CPU flash-attention op (a private aten op registered for CPU only). CPU
   tensors only; ``auto`` takes it for CPU tensors.
 * ``triton``: fused Triton kernels (`triton_kernels.py`) for the block path; CUDA tensors, or CPU tensors under
-  the Triton interpreter (TRITON_INTERPRET=1, for tests). ``auto`` takes it for CUDA tensors when triton imports.
+  the Triton interpreter (TRITON_INTERPRET=1, for tests). Opt-in: ``auto`` does not take it until the kernels
+  have compiled and passed benchmarks/gpu_check.py on a GPU (so far they have run only under the interpreter).
 * ``portable``: public PyTorch ops only, so it runs on every device; ``auto`` takes it for every other device.
 
 Kernels (`Kernel`), chosen from the backend and what the call needs:
@@ -114,9 +115,7 @@ def backend_for(device: torch.device) -> str:
     """The backend that runs LSG attention on tensors of `device`; never a CPU-only backend elsewhere."""
     name = requested_backend()
     if name == "auto":
-        if device.type == "cpu":
-            return "cpu_fused"
-        return "triton" if device.type == "cuda" and triton_imports() else "portable"
+        return "cpu_fused" if device.type == "cpu" else "portable"
     if name == "triton":
         problem = _triton_problem(device)
         if problem:

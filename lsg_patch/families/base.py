@@ -299,7 +299,7 @@ def with_global_rows(table: nn.Embedding, embeds: torch.Tensor, count: int) -> t
 
 def token_rows(hidden: torch.Tensor, count: int, length: int, row_order: torch.Tensor | None) -> torch.Tensor:
     """The caller's `length` token rows of an internal (batch, G + T + padding, width) tensor, in the caller's
-    order (row_order: where each row's tokens were moved, see `caching.padding_last`; None: not moved)."""
+    order (row_order: where each row's tokens were moved, see `cache_routing.padding_last`; None: not moved)."""
     return in_caller_order(hidden[:, count : count + length], row_order)
 
 

@@ -20,11 +20,11 @@ from torch import nn
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
-from ..seam.cache import LSGCache
+from ..seam.lsg_cache import LSGCache
 from .base import (FamilyAdapter, LengthCheck, OutputTrim, block_padding, build_call, get_argument, pad_tokens,
                    refuse_attention_weights, set_argument, token_inputs, token_mask_from, token_rows,
                    trimmed_hidden_states)
-from .caching import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last,
+from .cache_routing import (cache_arguments, given_cache, new_tokens_are_real, next_positions, padding_last,
                       positions_after_gaps, resolve_cache, room_for, take_rows)
 
 if TYPE_CHECKING:

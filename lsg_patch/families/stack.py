@@ -15,7 +15,7 @@ Positions, by the entry's position kind:
 * learned (GPT-2): the tokens keep their positions 0..T-1 and the globals get no position vector (the table's
   hooks look positions up for the tokens only), as in the BERT and BART families.
 
-Causal stacks keep an LSGCache (lsg_patch/seam/cache.py) when the call asks for a cache: a prompt fills it, and
+Causal stacks keep an LSGCache (lsg_patch/seam/lsg_cache.py) when the call asks for a cache: a prompt fills it, and
 later calls feed only their new tokens, without global rows, each right after its row's own real tokens. Rows are
 placed so that their real tokens come first (left padding moved behind them), in calls with or without a cache: a
 row's blocks never depend on its padding, and every row gives what it gives alone. Encoders refuse a cache.
@@ -36,11 +36,11 @@ from ..attention.backends import exporting
 from ..hooks import LSGHook
 from ..registry_paths import find_modules, get_submodule
 from ..seam import CALL_KEYWORD, LSGCall
-from ..seam.cache import LSGCache
+from ..seam.lsg_cache import LSGCache
 from .base import (FamilyAdapter, LengthCheck, NoPositionForGlobals, OutputTrim, TokenPositionsOnly, block_padding,
                    build_call, forward_parameters, get_argument, pad_tokens, refuse_attention_weights, set_argument,
                    tables_see_globals, token_inputs, token_mask_from, with_global_rows)
-from .caching import (cache_arguments, new_tokens_are_real, next_positions, padding_last, positions_after_gaps,
+from .cache_routing import (cache_arguments, new_tokens_are_real, next_positions, padding_last, positions_after_gaps,
                       resolve_cache, room_for, take_rows)
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """`LSGCache`: the constant-size key/value cache of causal LSG, as a transformers `Cache`.
 
-What it keeps, per layer, and why that is exact, is in `lsg_patch/attention/cached.py`. transformers' layers call
+What it keeps, per layer, and why that is exact, is in `lsg_patch/attention/decoding_state.py`. transformers' layers call
 `update` with each new key/value; LSG layers keep them in the attention function instead (which also knows the
 query, the layer's lsh seed and the layout), so `update` hands them back untouched. Rows are ragged: row r holds
 `lengths[r]` real tokens (its padding removed by the stack hook), kept on the host so that a decoding step never
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from ..attention.cached import BlockItems, block_items, decode_key_mask, item_ring_size, token_slot_positions
+from ..attention.decoding_state import BlockItems, block_items, decode_key_mask, item_ring_size, token_slot_positions
 from ..attention.layout import AttentionLayout
 from ..attention.sparse import sparse_kind, sparse_step
 

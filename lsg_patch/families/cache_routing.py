@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..attention.backends import exporting
-from ..seam.cache import LSGCache
+from ..seam.lsg_cache import LSGCache
 from .base import forward_parameters, get_argument
 
 if TYPE_CHECKING:
